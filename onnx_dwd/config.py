@@ -1,0 +1,84 @@
+"""Options of an optimize run: one frozen dataclass, validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Mapping, Optional, Tuple
+
+from .errors import OptionError
+
+#: Fitting methods. ``nd``: data-free Network Decoupling (per input channel SVD).
+METHODS = ("nd",)
+
+#: How a rank-K (K > 1) depthwise stage is written in the graph; see rewrite.py.
+GRAPH_FORMS = ("auto", "split", "multiplier", "concat-input")
+
+
+def parse_input_shape(text: str) -> Tuple[str, Tuple[int, ...]]:
+    """Parse ``name:1,3,320,320`` (Polygraphy's ``--input-shapes`` spelling).
+
+    The name may itself contain ``:`` (TensorFlow exports use ``input:0``), so
+    the shape is whatever follows the last ``:``.
+    """
+    name, sep, dims = text.rpartition(":")
+    if not sep or not name:
+        raise OptionError(
+            f"--input-shape {text!r}: expected NAME:D0,D1,... such as images:1,3,320,320"
+        )
+    try:
+        shape = tuple(int(d) for d in dims.replace("x", ",").split(","))
+    except ValueError:
+        raise OptionError(
+            f"--input-shape {text!r}: dimensions must be positive integers, got {dims!r}"
+        ) from None
+    if not shape or any(d <= 0 for d in shape):
+        raise OptionError(f"--input-shape {text!r}: dimensions must be positive integers")
+    return name, shape
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeConfig:
+    """Everything an optimize run needs besides the input and output paths.
+
+    rank: K, the number of depthwise filters per input channel (1 is the
+        paper's form; kh*kw reproduces the layer exactly). Clamped per layer
+        to the largest useful rank, min(kh*kw, out_channels / group).
+    method: fitting method, one of METHODS.
+    graph_form: graph form of the depthwise stage for K > 1, one of GRAPH_FORMS.
+    input_shapes: fixed shapes for dynamic graph inputs, used for validation
+        and MAC counts; the written model keeps its dynamic dimensions.
+    calib: folder of images (labels.csv beside them optional); without it,
+        validation uses seeded uniform [0, 1) inputs.
+    validation_samples: how many inputs (images) to compare original and
+        optimized on.
+    seed: seed for generated validation inputs.
+    report_json / report_markdown: where to write the report, if anywhere.
+    """
+
+    rank: int = 1
+    method: str = "nd"
+    graph_form: str = "auto"
+    input_shapes: Mapping[str, Tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    calib: Optional[Path] = None
+    validation_samples: int = 32
+    seed: int = 0
+    report_json: Optional[Path] = None
+    report_markdown: Optional[Path] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise OptionError(f"--rank must be a positive integer, got {self.rank!r}")
+        if self.method not in METHODS:
+            raise OptionError(
+                f"--method {self.method!r} is not known; choose one of {', '.join(METHODS)}"
+            )
+        if self.graph_form not in GRAPH_FORMS:
+            raise OptionError(
+                f"--graph-form {self.graph_form!r} is not known; choose one of {', '.join(GRAPH_FORMS)}"
+            )
+        if self.validation_samples < 1:
+            raise OptionError(
+                f"--validation-samples must be at least 1, got {self.validation_samples}"
+            )
+        object.__setattr__(self, "input_shapes", dict(self.input_shapes))
