@@ -12,7 +12,7 @@ from .errors import OptionError
 METHODS = ("nd",)
 
 #: How a rank-K (K > 1) depthwise stage is written in the graph; see rewrite.py.
-GRAPH_FORMS = ("auto", "split", "multiplier", "concat-input")
+GRAPH_FORMS = ("auto", "sum", "split", "multiplier", "concat-input")
 
 
 def parse_input_shape(text: str) -> Tuple[str, Tuple[int, ...]]:

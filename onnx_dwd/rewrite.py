@@ -12,11 +12,13 @@ compute the same thing but run at different speeds (DESIGN.md section 2):
 - ``multiplier``: one depthwise Conv with channel multiplier K;
 - ``split``: K depthwise Convs with multiplier 1, concatenated;
 - ``concat-input``: K copies of X concatenated, one depthwise Conv with
-  multiplier 1 over them.
+  multiplier 1 over them;
+- ``sum``: K depthwise Convs with multiplier 1, each with its own 1x1 Conv,
+  added up (the bias rides on the first).
 
 ``split`` and ``concat-input`` reorder the depthwise channels to r*c + i,
-which a grouped pointwise Conv cannot follow, so grouped convs (G > 1) always
-use ``multiplier``.
+which a grouped pointwise Conv cannot follow, so grouped convs (G > 1) use
+``sum`` in their place.
 """
 
 from __future__ import annotations
@@ -30,18 +32,22 @@ from .fit import Decomposition
 from .select import ConvLayer
 from .tensors import NameAllocator
 
-#: The K > 1 form used for graph_form="auto": fastest in onnxruntime CPU as
-#: measured by benchmarks/graph_forms.py (see benchmarks/RESULTS.md).
-DEFAULT_GRAPH_FORM = "split"
+#: The K > 1 form used for graph_form="auto": fastest in onnxruntime CPU at
+#: optimisation level ALL, as measured by benchmarks/graph_forms.py (at level
+#: EXTENDED "multiplier" wins instead; see benchmarks/RESULTS.md).
+DEFAULT_GRAPH_FORM = "sum"
 
 _SPATIAL_ATTRS = ("strides", "pads", "dilations", "auto_pad")
 
 
 def resolve_graph_form(graph_form: str, rank: int, group: int) -> str:
-    """The form actually written: K = 1 and grouped convs have only one."""
-    if rank == 1 or group > 1:
+    """The form actually written: K = 1 has only one; grouped convs cannot reorder channels."""
+    if rank == 1:
         return "multiplier"
-    return DEFAULT_GRAPH_FORM if graph_form == "auto" else graph_form
+    form = DEFAULT_GRAPH_FORM if graph_form == "auto" else graph_form
+    if group > 1 and form in ("split", "concat-input"):
+        return "sum"
+    return form
 
 
 def _rank_major(channels: int, rank: int) -> np.ndarray:
@@ -81,7 +87,27 @@ def replace_conv(graph: gs.Graph, layer: ConvLayer, dec: Decomposition, graph_fo
                                    inputs=list(inputs), outputs=[out]))
         return out
 
+    bias = dec.bias if dec.bias is not None else layer.bias
     pointwise = dec.pointwise
+    if form == "sum":
+        partial = []
+        for r in range(k):
+            mid = depthwise(x, dec.depthwise[r::k], f"_{r}", c)
+            out = y if k == 1 else gs.Variable(names(f"{base}/pointwise_{r}_output"), dtype=dtype)
+            inputs = [mid, gs.Constant(names(f"{base}/pointwise_{r}.weight"), pointwise[:, r::k].astype(dtype))]
+            if r == 0 and bias is not None:
+                inputs.append(gs.Constant(names(f"{base}/pointwise.bias"), bias.astype(dtype)))
+            graph.nodes.append(gs.Node("Conv", names(f"{base}/pointwise_{r}"),
+                                       attrs={"kernel_shape": [1, 1], "group": g}, inputs=inputs, outputs=[out]))
+            partial.append(out)
+        node.outputs.clear()
+        node.inputs.clear()
+        total = partial[0]
+        for r in range(1, k):
+            out = y if r == k - 1 else gs.Variable(names(f"{base}/sum_{r}_output"), dtype=dtype)
+            graph.nodes.append(gs.Node("Add", names(f"{base}/sum_{r}"), inputs=[total, partial[r]], outputs=[out]))
+            total = out
+        return form
     if form == "multiplier":
         mid = depthwise(x, dec.depthwise, "", c)
     else:
@@ -96,8 +122,8 @@ def replace_conv(graph: gs.Graph, layer: ConvLayer, dec: Decomposition, graph_fo
             raise ValueError(f"unknown graph form {form!r}")
 
     pw_inputs = [mid, gs.Constant(names(f"{base}/pointwise.weight"), pointwise.astype(dtype))]
-    if layer.bias is not None:
-        pw_inputs.append(gs.Constant(names(f"{base}/pointwise.bias"), layer.bias.astype(dtype)))
+    if bias is not None:
+        pw_inputs.append(gs.Constant(names(f"{base}/pointwise.bias"), bias.astype(dtype)))
     node.outputs.clear()
     node.inputs.clear()
     graph.nodes.append(gs.Node("Conv", names(f"{base}/pointwise"),

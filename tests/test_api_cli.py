@@ -119,7 +119,7 @@ def test_cli_end_to_end(small_model, tmp_path):
                                            "--input-shape", "x:1,3,16,16", "--report", str(rep),
                                            "--markdown", str(md)])
     assert result.exit_code == 0, result.output
-    assert "2 of 3 decomposed" in result.output and "rank 2 (split)" in result.output
+    assert "2 of 3 decomposed" in result.output and "rank 2 (sum)" in result.output
     assert json.loads(rep.read_text())["config"]["rank"] == 2
     assert md.read_text().startswith("# onnx-dwd report")
     onnx.checker.check_model(onnx.load(out))

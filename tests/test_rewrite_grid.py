@@ -22,7 +22,7 @@ PADDINGS = ["none", "symmetric", "asymmetric", "SAME_UPPER", "SAME_LOWER", "VALI
 DILATIONS = [1, 2]
 BIASES = [True, False]
 GROUPS = [1, 2]
-FORMS = ["split", "multiplier", "concat-input"]
+FORMS = ["split", "multiplier", "concat-input", "sum"]
 C, N, H, W = 4, 6, 15, 17
 
 # onnxruntime cannot run SAME_* auto_pad with dilation > 1 (the original has no reference).
@@ -62,8 +62,8 @@ def test_decomposed_conv_matches_onnxruntime(kernel, stride, padding, dilation, 
     assert got.shape == expected.shape
     assert rel_error(expected, got) < EXACT_REL_ERROR
 
-    rank = 1 + case % 2
-    form = FORMS[case % 3]
+    rank = 1 + case % 3
+    form = FORMS[case % 4]
     low = decompose_model(original, OptimizeConfig(rank=rank, graph_form=form), x)
     dec = network_decoupling(weight, rank, group)
     fitted = conv_model(reconstruct_weight(dec), b, [1, C, H, W], attrs=attrs)
@@ -72,5 +72,9 @@ def test_decomposed_conv_matches_onnxruntime(kernel, stride, padding, dilation, 
     assert rel_error(want, got) < EXACT_REL_ERROR
     entry = low.layers[0]
     assert entry["decomposed"] and entry["rank"] == rank
-    assert entry["graph_form"] == ("multiplier" if rank == 1 or group > 1 else form)
-    assert entry["macs_after"] < entry["macs_before"] or kernel == (2, 2) or group == 2
+    expected_form = "multiplier" if rank == 1 else ("sum" if group > 1 and form in ("split", "concat-input") else form)
+    assert entry["graph_form"] == expected_form
+    pixels = expected.shape[2] * expected.shape[3]
+    kk = kernel[0] * kernel[1]
+    assert entry["macs_before"] == pixels * N * (C // group) * kk
+    assert entry["macs_after"] == pixels * (C * rank * kk + N * C * rank // group)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 
@@ -15,12 +16,15 @@ class Decomposition:
     pointwise: P [n, c*K/G, 1, 1]; grouped like the original conv.
     rank: K, the depthwise filters per input channel.
     group: G, the original conv's group.
+    bias: [n] new bias of the pointwise conv, or None to keep the original one
+        (data-driven fits move the bias to absorb the mean of the error).
     """
 
     depthwise: np.ndarray
     pointwise: np.ndarray
     rank: int
     group: int
+    bias: Optional[np.ndarray] = None
 
 
 def max_rank(weight_shape, group: int) -> int:
@@ -38,7 +42,8 @@ def per_channel_blocks(weight: np.ndarray, group: int) -> np.ndarray:
     return weight.reshape(group, ng, cg, kh * kw).transpose(0, 2, 1, 3)
 
 
-def assemble(p_blocks: np.ndarray, d_blocks: np.ndarray, kernel, group: int) -> Decomposition:
+def assemble(p_blocks: np.ndarray, d_blocks: np.ndarray, kernel, group: int,
+             bias: Optional[np.ndarray] = None) -> Decomposition:
     """Per-channel factors -> conv weights.
 
     p_blocks: [G, c/G, n/G, K] pointwise columns of each input channel.
@@ -49,7 +54,7 @@ def assemble(p_blocks: np.ndarray, d_blocks: np.ndarray, kernel, group: int) -> 
     depthwise = d_blocks.reshape(g * cg * k, 1, kh, kw)
     # P[g*ng + o, j*K + r] = p_blocks[g, j, o, r]
     pointwise = p_blocks.transpose(0, 2, 1, 3).reshape(g * ng, cg * k, 1, 1)
-    return Decomposition(np.ascontiguousarray(depthwise), np.ascontiguousarray(pointwise), k, group)
+    return Decomposition(np.ascontiguousarray(depthwise), np.ascontiguousarray(pointwise), k, group, bias)
 
 
 def reconstruct_weight(dec: Decomposition) -> np.ndarray:
