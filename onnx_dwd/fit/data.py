@@ -1,0 +1,210 @@
+"""Data-driven fits on layer statistics: the paper's algorithms, our refit, and the baseline.
+
+All functions take the original weight W [n, c/G, kh, kw] and LayerStats
+(patches x of the layer's actual input, outputs y of the original model's
+layer; see stats.py) and minimise E|y - b' - sum_i P_i D_i x_i|^2 in
+different ways. Means are handled by the bias: every fit works on centred
+moments and returns b' = mean(y) - M mean(x).
+
+- dwd        paper Algorithm 1: per channel, PCA of Y_i = W_i X_i.
+- dwd_comp   paper Algorithm 2: channels in order, each fitted to its own
+             response plus the error carried by the channels before it
+             (the "GSVD" step is reduced-rank regression, closed form below).
+- refit      ours: block-coordinate descent over channels on the full
+             residual, then the exact least-squares pointwise weights.
+- channel    Zhang et al. (TPAMI 2016): a k x k conv to c' channels, then 1x1.
+
+Each step that fits channel i solves, for a target t with E[t x_i^T] = B and
+E[x_i x_i^T] = C = L L^T, the rank-K problem min E|t - P D x_i|^2:
+A = B L^-T = U S V^T, P = U_K S_K, D = V_K^T L^-1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+import numpy as np
+from scipy.linalg import cho_factor, solve_triangular
+
+from .common import Decomposition, assemble, max_rank, svd_flip
+from .stats import LayerStats
+
+#: Ridge added to covariance matrices, relative to their mean diagonal, so that
+#: dead or constant inputs (padding, ReLU zeros) keep the solves well posed.
+RIDGE = 1e-6
+
+#: Block-coordinate sweeps of the refit over all channels.
+REFIT_SWEEPS = 3
+
+
+def _ridge(cov: np.ndarray) -> np.ndarray:
+    scale = max(float(np.trace(cov)) / len(cov), 1e-30)
+    return cov + (RIDGE * scale + 1e-12) * np.eye(len(cov))
+
+
+def reduced_rank_fit(cross: np.ndarray, cov: np.ndarray, rank: int) -> Tuple[np.ndarray, np.ndarray]:
+    """argmin over P [m, K], D [K, q] of E|t - P D x|^2, given cross = E[t x^T] [m, q], cov = E[x x^T] [q, q]."""
+    lower, _ = cho_factor(_ridge(cov), lower=True)
+    lower = np.tril(lower)
+    a = solve_triangular(lower, cross.T, lower=True).T  # B L^-T
+    u, s, vt = np.linalg.svd(a, full_matrices=False)
+    u, vt = svd_flip(u[:, :rank], vt[:rank])
+    p = u * s[:rank]
+    d = solve_triangular(lower.T, vt.T, lower=False).T  # V_K^T L^-1
+    # balance the scale between the two factors (the product is unchanged)
+    scale = np.sqrt(np.linalg.norm(d, axis=1) / np.maximum(np.linalg.norm(p, axis=0), 1e-30))
+    scale[~np.isfinite(scale) | (scale == 0)] = 1.0
+    return p * scale, d / scale[:, None]
+
+
+@dataclasses.dataclass
+class _Group:
+    """One group's problem: W [n_g, c_g, k2], centred moments."""
+
+    w: np.ndarray
+    mx: np.ndarray
+    my: np.ndarray
+    cxx: np.ndarray
+    cyx: np.ndarray
+
+    @property
+    def k2(self) -> int:
+        return self.w.shape[2]
+
+    def block(self, i: int) -> slice:
+        return slice(i * self.k2, (i + 1) * self.k2)
+
+
+def _groups(weight: np.ndarray, stats: LayerStats):
+    n, cg, kh, kw = weight.shape
+    g = stats.group
+    ng = n // g
+    if stats.sxx.shape[1] != cg * kh * kw or stats.syx.shape[0] != n:
+        raise ValueError(f"statistics of shape {stats.syx.shape} do not fit weight {weight.shape}")
+    w = weight.astype(np.float64).reshape(g, ng, cg, kh * kw)
+    for k in range(g):
+        mx, my, cxx, cyx = stats.moments(k)
+        yield _Group(w[k], mx, my, cxx, cyx)
+
+
+def _finish(weight, groups_pd, stats, rank) -> Decomposition:
+    """Per-group (P [c_g, n_g, K], D [c_g, K, k2]) -> Decomposition with the mean-absorbing bias."""
+    p_blocks = np.stack([p for p, _ in groups_pd])
+    d_blocks = np.stack([d for _, d in groups_pd])
+    biases = []
+    for (p, d), grp in zip(groups_pd, _groups(weight, stats)):
+        m = np.einsum("jok,jkx->ojx", p, d).reshape(p.shape[1], -1)  # [n_g, c_g*k2]
+        biases.append(grp.my - m @ grp.mx)
+    dec = assemble(p_blocks, d_blocks, weight.shape[2:], stats.group, np.concatenate(biases))
+    dtype = weight.dtype
+    return Decomposition(dec.depthwise.astype(dtype), dec.pointwise.astype(dtype), dec.rank, dec.group,
+                         dec.bias.astype(dtype))
+
+
+def _effective_rank(weight, rank, stats) -> int:
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    return min(rank, max_rank(weight.shape, stats.group))
+
+
+def dwd(weight: np.ndarray, stats: LayerStats, rank: int) -> Decomposition:
+    """Paper Algorithm 1: per channel i, P_i = top-K eigenvectors of W_i C_ii W_i^T, D_i = P_i^T W_i."""
+    k = _effective_rank(weight, rank, stats)
+    out = []
+    for grp in _groups(weight, stats):
+        ps, ds = [], []
+        for i in range(grp.w.shape[1]):
+            wi = grp.w[:, i]
+            cii = grp.cxx[grp.block(i), grp.block(i)]
+            vals, vecs = np.linalg.eigh(wi @ cii @ wi.T)
+            u = vecs[:, ::-1][:, :k]
+            u, _ = svd_flip(u, np.zeros((k, 1)))
+            ps.append(u)
+            ds.append(u.T @ wi)
+        out.append((np.stack(ps), np.stack(ds)))
+    return _finish(weight, out, stats, k)
+
+
+def _sweep(grp: _Group, m: np.ndarray, p: np.ndarray, d: np.ndarray, k: int) -> None:
+    """One pass over the channels in order: channel i gets the rank-K best fit to the
+    residual left by all the others (m [n_g, c_g, k2] holds the current weights)."""
+    flat = m.reshape(m.shape[0], -1)  # a view: updates to m show here
+    for i in range(m.shape[1]):
+        blk = grp.block(i)
+        cii = grp.cxx[blk, blk]
+        cross = grp.cyx[:, blk] - flat @ grp.cxx[:, blk] + m[:, i] @ cii
+        p[i], d[i] = reduced_rank_fit(cross, cii, k)
+        m[:, i] = p[i] @ d[i]
+
+
+def dwd_comp(weight: np.ndarray, stats: LayerStats, rank: int) -> Decomposition:
+    """Paper Algorithm 2: channel i fits Y_i + E_{i-1} (its response plus the error so far).
+
+    With the channels after i still at their original weights, that target is
+    the full residual y - sum_{j<i} M_j x_j - sum_{j>i} W_j x_j; with
+    inter-layer compensation y is the original model's output and x the input
+    the partly decomposed model produces (paper eq. 10).
+    """
+    k = _effective_rank(weight, rank, stats)
+    out = []
+    for grp in _groups(weight, stats):
+        m = grp.w.copy()
+        p = np.zeros((m.shape[1], m.shape[0], k))
+        d = np.zeros((m.shape[1], k, grp.k2))
+        _sweep(grp, m, p, d, k)
+        out.append((p, d))
+    return _finish(weight, out, stats, k)
+
+
+def refit(weight: np.ndarray, stats: LayerStats, rank: int, sweeps: int = REFIT_SWEEPS) -> Decomposition:
+    """Ours: Algorithm 2, then `sweeps` more block-coordinate passes on the full residual,
+    then the exact least-squares pointwise weights P given the depthwise D (all
+    channels at once: each output's mix of all c*K depthwise channels)."""
+    k = _effective_rank(weight, rank, stats)
+    out = []
+    for grp in _groups(weight, stats):
+        cg = grp.w.shape[1]
+        m = grp.w.copy()
+        p = np.zeros((cg, m.shape[0], k))
+        d = np.zeros((cg, k, grp.k2))
+        for _ in range(1 + sweeps):
+            _sweep(grp, m, p, d, k)
+        # z = D x, block-diagonal D [c_g*K, c_g*k2]
+        dbd = np.zeros((cg * k, cg * grp.k2))
+        for i in range(cg):
+            dbd[i * k:(i + 1) * k, grp.block(i)] = d[i]
+        czz = dbd @ grp.cxx @ dbd.T
+        cyz = grp.cyx @ dbd.T
+        lower, _ = cho_factor(_ridge(czz), lower=True)
+        pw = solve_triangular(np.tril(lower).T, solve_triangular(np.tril(lower), cyz.T, lower=True), lower=False).T
+        out.append((pw.reshape(m.shape[0], cg, k).transpose(1, 0, 2), d))
+    return _finish(weight, out, stats, k)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelDecomposition:
+    """k x k conv to c' channels, then 1x1 conv to n: first [c', c, kh, kw], second [n, c', 1, 1]."""
+
+    first: np.ndarray
+    second: np.ndarray
+    bias: np.ndarray
+
+    @property
+    def channels(self) -> int:
+        return self.first.shape[0]
+
+
+def channel(weight: np.ndarray, stats: LayerStats, channels: int) -> ChannelDecomposition:
+    """Zhang et al.'s channel decomposition with asymmetric reconstruction (group 1 only):
+    the rank-c' W' minimising E|y - W' x|^2, as W' = second @ first."""
+    if stats.group != 1:
+        raise ValueError("channel decomposition supports group 1 only")
+    n, c, kh, kw = weight.shape
+    channels = max(1, min(channels, n, c * kh * kw))
+    (grp,) = list(_groups(weight, stats))
+    p, d = reduced_rank_fit(grp.cyx, grp.cxx, channels)
+    bias = grp.my - p @ (d @ grp.mx)
+    dtype = weight.dtype
+    return ChannelDecomposition(d.reshape(channels, c, kh, kw).astype(dtype),
+                                p.reshape(n, channels, 1, 1).astype(dtype), bias.astype(dtype))

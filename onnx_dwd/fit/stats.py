@@ -1,0 +1,127 @@
+"""Streaming second-order statistics of a conv's patches and outputs.
+
+For every output position, x is the layer's input patch (im2col, with the
+conv's padding, stride and dilation; for group G one patch per group of c/G
+channels, laid out channel-major like W[o].ravel()) and y the output vector.
+Everything the fits need is in these sums (float64), so they merge across
+batches and memory does not grow with the number of images:
+
+    sxx [G, d, d] = sum x x^T   per group, d = (c/G)*kh*kw
+    syx [n, d]    = sum y x^T   (row o pairs with its group's patch)
+    sx  [G, d], sy [n], syy = sum |y|^2, count
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def same_pads(in_size: int, kernel: int, stride: int, dilation: int, upper: bool):
+    """(begin, end) padding of auto_pad SAME_UPPER / SAME_LOWER along one axis."""
+    out = -(-in_size // stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - in_size, 0)
+    small, big = total // 2, total - total // 2
+    return (small, big) if upper else (big, small)
+
+
+def conv_pads(in_hw: Sequence[int], kernel, strides, dilations, pads=None, auto_pad="NOTSET"):
+    """Explicit (top, left, bottom, right) pads of an ONNX Conv."""
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        (t, b), (l, r) = (same_pads(in_hw[a], kernel[a], strides[a], dilations[a], auto_pad == "SAME_UPPER")
+                          for a in (0, 1))
+        return t, l, b, r
+    if auto_pad == "VALID" or pads is None:
+        return 0, 0, 0, 0
+    return tuple(int(p) for p in pads)
+
+
+def im2col(x: np.ndarray, kernel, strides=(1, 1), dilations=(1, 1), pads=(0, 0, 0, 0)) -> np.ndarray:
+    """Patches of x [B, c, H, W] -> [B, H', W', c*kh*kw] (channel-major, like W[o].ravel())."""
+    kh, kw = kernel
+    sh, sw = strides
+    dh, dw = dilations
+    t, l, b, r = pads
+    xp = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)))
+    windows = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]  # [B, c, H', W', kh, kw]
+    bsz, c, ho, wo = windows.shape[:4]
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(bsz, ho, wo, c * kh * kw)
+
+
+@dataclasses.dataclass
+class LayerStats:
+    """Sums over output positions; see the module docstring for shapes."""
+
+    sxx: np.ndarray
+    syx: np.ndarray
+    sx: np.ndarray
+    sy: np.ndarray
+    syy: float = 0.0
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, out_channels: int, patch_size: int, group: int = 1) -> "LayerStats":
+        return cls(np.zeros((group, patch_size, patch_size)), np.zeros((out_channels, patch_size)),
+                   np.zeros((group, patch_size)), np.zeros(out_channels))
+
+    @property
+    def group(self) -> int:
+        return self.sxx.shape[0]
+
+    def add(self, patches: np.ndarray, outputs: np.ndarray) -> None:
+        """Accumulate patches [P, G*d] and outputs [P, n] of P positions."""
+        g, d = self.sx.shape
+        n = self.sy.shape[0]
+        x = patches.reshape(-1, g, d).astype(np.float64)
+        y = outputs.reshape(-1, n).astype(np.float64)
+        ng = n // g
+        for k in range(g):
+            xk = x[:, k]
+            self.sxx[k] += xk.T @ xk
+            self.sx[k] += xk.sum(axis=0)
+            self.syx[k * ng:(k + 1) * ng] += y[:, k * ng:(k + 1) * ng].T @ xk
+        self.sy += y.sum(axis=0)
+        self.syy += float(np.einsum("ij,ij->", y, y))
+        self.count += x.shape[0]
+
+    def merge(self, other: "LayerStats") -> "LayerStats":
+        return LayerStats(self.sxx + other.sxx, self.syx + other.syx, self.sx + other.sx, self.sy + other.sy,
+                          self.syy + other.syy, self.count + other.count)
+
+    def group_view(self, k: int) -> "LayerStats":
+        """The statistics of group k alone (G = 1)."""
+        ng = self.sy.shape[0] // self.group
+        rows = slice(k * ng, (k + 1) * ng)
+        return LayerStats(self.sxx[k:k + 1], self.syx[rows], self.sx[k:k + 1], self.sy[rows], float("nan"),
+                          self.count)
+
+    def moments(self, k: int = 0):
+        """Means and covariances of group k: (mu_x [d], mu_y [n/G], C_xx [d, d], C_yx [n/G, d])."""
+        ng = self.sy.shape[0] // self.group
+        rows = slice(k * ng, (k + 1) * ng)
+        mx, my = self.sx[k] / self.count, self.sy[rows] / self.count
+        cxx = self.sxx[k] / self.count - np.outer(mx, mx)
+        cyx = self.syx[rows] / self.count - np.outer(my, mx)
+        return mx, my, cxx, cyx
+
+
+def relative_error(stats: LayerStats, weight: np.ndarray, bias: Optional[np.ndarray]) -> float:
+    """|Y - (W x + b)| / |Y| over the positions summed in stats (uncentred, as the paper).
+
+    weight: [n, c/G, kh, kw] (an original or a reconstructed weight); bias [n] or None.
+    """
+    g = stats.group
+    n = weight.shape[0]
+    ng = n // g
+    b = np.zeros(n) if bias is None else bias.astype(np.float64)
+    m = weight.reshape(n, -1).astype(np.float64)
+    err = stats.syy
+    for k in range(g):
+        rows = slice(k * ng, (k + 1) * ng)
+        mk, bk = m[rows], b[rows]
+        err -= 2 * (np.einsum("ij,ij->", mk, stats.syx[rows]) + bk @ stats.sy[rows])
+        err += np.einsum("ij,jk,ik->", mk, stats.sxx[k], mk) + 2 * bk @ (mk @ stats.sx[k]) + stats.count * bk @ bk
+    return float(np.sqrt(max(err, 0.0) / stats.syy)) if stats.syy > 0 else 0.0
