@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -113,24 +113,53 @@ class ImageLayout:
     width: int
 
 
-def image_layout(spec: InputSpec) -> ImageLayout:
-    """NCHW or NHWC with 1 or 3 channels, read off the input shape."""
+def image_layout(spec: InputSpec, layout: str = "auto") -> ImageLayout:
+    """NCHW or NHWC with 1 or 3 channels, read off the input shape (or forced by layout)."""
     shape = spec.shape
-    if len(shape) == 4 and shape[1] in (1, 3):
-        return ImageLayout(False, shape[1], shape[2], shape[3])
-    if len(shape) == 4 and shape[3] in (1, 3):
-        return ImageLayout(True, shape[3], shape[1], shape[2])
+    if len(shape) == 4:
+        if layout in ("auto", "nchw") and shape[1] in (1, 3):
+            return ImageLayout(False, shape[1], shape[2], shape[3])
+        if layout in ("auto", "nhwc") and shape[3] in (1, 3):
+            return ImageLayout(True, shape[3], shape[1], shape[2])
     raise OptionError(f"input {spec.name} of shape {list(shape)} does not look like an image batch "
-                      "(N,C,H,W or N,H,W,C with 1 or 3 channels)")
+                      f"({'N,C,H,W or N,H,W,C' if layout == 'auto' else layout.upper()} with 1 or 3 channels)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """How an image file becomes an input tensor.
+
+    resize: shorter side resized to this, then a centre crop to the model's
+        H x W; None resizes straight to H x W.
+    scale, mean, std: value = (pixel * scale - mean) / std, per channel in the
+        model's channel order (after `channel_order`).
+    channel_order: "rgb" or "bgr" for 3-channel inputs (1-channel inputs are grey).
+    layout: "auto" (from the input shape), "nchw" or "nhwc".
+    """
+
+    resize: Optional[int] = None
+    scale: float = 1 / 255
+    mean: Tuple[float, ...] = (0.0,)
+    std: Tuple[float, ...] = (1.0,)
+    channel_order: str = "rgb"
+    layout: str = "auto"
+
+    def __post_init__(self):
+        if self.channel_order not in ("rgb", "bgr"):
+            raise OptionError(f"--channel-order {self.channel_order!r}: choose rgb or bgr")
+        if self.layout not in ("auto", "nchw", "nhwc"):
+            raise OptionError(f"--layout {self.layout!r}: choose auto, nchw or nhwc")
+        if any(s == 0 for s in self.std):
+            raise OptionError("--std values must be non-zero")
+        if self.resize is not None and self.resize < 1:
+            raise OptionError(f"--resize must be positive, got {self.resize}")
 
 
 def list_images(folder: Path) -> List[Path]:
     """Image files under folder, recursively, in a stable order."""
-    if not folder.is_dir():
-        raise OptionError(f"--calib {folder}: not a directory")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise OptionError(f"--calib {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        raise OptionError(f"--calib {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) or arrays (.npy, .npz) found")
     return files
 
 
@@ -148,37 +177,168 @@ def read_labels(folder: Path, files: Sequence[Path]) -> Optional[np.ndarray]:
     return np.array([rows[p.relative_to(folder).as_posix()] for p in files])
 
 
-def load_image(path: Path, layout: ImageLayout) -> np.ndarray:
-    """One image as float32 [H, W, C] in [0, 1], resized to the input's size."""
+def load_image(path: Path, layout: ImageLayout, pre: Preprocess) -> np.ndarray:
+    """One image as float32 [H, W, C], preprocessed."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im = im.convert("L" if layout.channels == 1 else "RGB")
-            if im.size != (layout.width, layout.height):
+            if pre.resize:
+                w, h = im.size
+                ratio = pre.resize / min(w, h)
+                im = im.resize((max(layout.width, round(w * ratio)), max(layout.height, round(h * ratio))),
+                               Image.BILINEAR)
+                left, top = (im.size[0] - layout.width) // 2, (im.size[1] - layout.height) // 2
+                im = im.crop((left, top, left + layout.width, top + layout.height))
+            elif im.size != (layout.width, layout.height):
                 im = im.resize((layout.width, layout.height), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
+            arr = np.asarray(im, dtype=np.float32).reshape(layout.height, layout.width, layout.channels)
     except (UnidentifiedImageError, OSError) as exc:
         raise OptionError(f"{path}: cannot read image ({exc})") from None
-    return arr.reshape(layout.height, layout.width, layout.channels)
+    if layout.channels == 3 and pre.channel_order == "bgr":
+        arr = arr[..., ::-1]
+    mean = np.asarray(pre.mean, dtype=np.float32)
+    std = np.asarray(pre.std, dtype=np.float32)
+    if mean.size not in (1, layout.channels) or std.size not in (1, layout.channels):
+        raise OptionError(f"--mean/--std need 1 or {layout.channels} values for a {layout.channels}-channel input")
+    return (arr * pre.scale - mean) / std
 
 
-def image_feeds(folder: Path, specs: Sequence[InputSpec], max_batch: int = 16,
-                limit: Optional[int] = None) -> Tuple[List[Dict[str, np.ndarray]], Optional[np.ndarray]]:
-    """Feeds of the images under folder for a single-input model, plus labels if any."""
+@dataclasses.dataclass
+class Part:
+    """One part (fit or held out) of a calibration source: a re-iterable of feed dicts."""
+
+    batches: Callable[[], Iterator[Dict[str, np.ndarray]]]
+    labels: Optional[np.ndarray]
+    count: int
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Calibration data split into a part to fit on and a part held out for validation."""
+
+    fit: Part
+    holdout: Part
+    description: str
+
+
+def _is_heldout(index: int, period: int) -> bool:
+    return period > 0 and index % period == period - 1
+
+
+def holdout_period(fraction: float) -> int:
+    """Every period-th item is held out (0: none)."""
+    if not 0 <= fraction < 1:
+        raise OptionError(f"--holdout must be in [0, 1), got {fraction}")
+    return 0 if fraction == 0 else max(2, round(1 / fraction))
+
+
+def _split_indices(count: int, period: int) -> Tuple[List[int], List[int]]:
+    held = [i for i in range(count) if _is_heldout(i, period)]
+    fit = [i for i in range(count) if not _is_heldout(i, period)]
+    if not held and period and count >= 2:
+        held, fit = fit[-1:], fit[:-1]
+    return fit, held
+
+
+def image_calibration(folder: Path, specs: Sequence[InputSpec], pre: Preprocess, holdout: float,
+                      limit: Optional[int] = None, max_batch: int = 8) -> Calibration:
+    """Images under folder (recursive), read lazily; labels.csv beside them optional."""
     if len(specs) != 1:
         raise OptionError(f"--calib {folder}: images can feed a model with one input; this one has "
-                          f"{len(specs)} ({', '.join(s.name for s in specs)})")
+                          f"{len(specs)} ({', '.join(s.name for s in specs)}); use .npz files")
     spec = specs[0]
-    layout = image_layout(spec)
+    layout = image_layout(spec, pre.layout)
     files = list_images(folder)[:limit]
     labels = read_labels(folder, files)
     batch = max_batch if spec.dynamic_batch else spec.shape[0]
-    feeds = []
-    for start in range(0, len(files) - batch + 1 if not spec.dynamic_batch else len(files), batch):
-        chunk = np.stack([load_image(p, layout) for p in files[start:start + batch]])
-        if not layout.channels_last:
-            chunk = chunk.transpose(0, 3, 1, 2)
-        feeds.append({spec.name: np.ascontiguousarray(chunk.astype(spec.dtype))})
-    used = sum(len(f[spec.name]) for f in feeds)
-    return feeds, (labels[:used] if labels is not None else None)
+
+    def part(indices: List[int]) -> Part:
+        usable = indices if spec.dynamic_batch else indices[:len(indices) - len(indices) % batch]
+
+        def batches():
+            for start in range(0, len(usable), batch):
+                chunk = np.stack([load_image(files[i], layout, pre) for i in usable[start:start + batch]])
+                if not layout.channels_last:
+                    chunk = chunk.transpose(0, 3, 1, 2)
+                yield {spec.name: np.ascontiguousarray(chunk, dtype=spec.dtype)}
+        return Part(batches, labels[usable] if labels is not None else None, len(usable))
+
+    fit, held = _split_indices(len(files), holdout_period(holdout))
+    return Calibration(part(fit), part(held), f"{len(files)} images from {folder}")
+
+
+def array_calibration(path: Path, specs: Sequence[InputSpec], holdout: float) -> Calibration:
+    """.npy (single-input models) or .npz (arrays keyed by input name) files: a file, or a folder of them.
+
+    Each array holds a batch; every file is one feed. Files are read lazily.
+    """
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".npy", ".npz"))
+    if not files:
+        raise OptionError(f"--calib {path}: no .npy/.npz files found")
+    names = [s.name for s in specs]
+
+    def load(f: Path) -> Dict[str, np.ndarray]:
+        try:
+            if f.suffix == ".npy":
+                if len(specs) != 1:
+                    raise OptionError(f"{f}: a .npy file can feed a single-input model; this one has inputs "
+                                      f"{', '.join(names)}: use .npz with those keys")
+                feed = {names[0]: np.load(f)}
+            else:
+                with np.load(f) as z:
+                    feed = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as exc:
+            raise OptionError(f"{f}: cannot read array file ({exc})") from None
+        if set(feed) != set(names):
+            raise OptionError(f"{f}: holds arrays {sorted(feed)}, the model's inputs are {sorted(names)}")
+        for s in specs:
+            arr = feed[s.name]
+            if arr.ndim != len(s.shape) or arr.shape[1:] != s.shape[1:] or (not s.dynamic_batch and arr.shape[0] != s.shape[0]):
+                raise OptionError(f"{f}: array {s.name} has shape {list(arr.shape)}, the model needs {list(s.shape)}"
+                                  + (" (any batch size)" if s.dynamic_batch else ""))
+            feed[s.name] = arr.astype(s.dtype, copy=False)
+        return feed
+
+    def part(indices):
+        return Part(lambda: (load(files[i]) for i in indices), None, len(indices))
+
+    fit, held = _split_indices(len(files), holdout_period(holdout))
+    return Calibration(part(fit), part(held), f"{len(files)} array files from {path}")
+
+
+def feed_calibration(source, specs: Sequence[InputSpec], holdout: float) -> Calibration:
+    """Any iterable of feed dicts (a list, a generator, an onnxruntime CalibrationDataReader).
+
+    A reader with get_next() or a one-shot iterator is read once into memory,
+    because fitting makes several passes; pass a list, or a zero-argument
+    callable returning a fresh iterator, to stream instead.
+    """
+    if hasattr(source, "get_next"):
+        items = list(iter(source.get_next, None))
+    elif callable(source):
+        items = None
+    elif isinstance(source, Iterator):
+        items = list(source)
+    else:
+        items = source
+    make = (lambda: iter(source())) if items is None else (lambda: iter(items))
+    names = {s.name for s in specs}
+    period = holdout_period(holdout)
+    first = next(make(), None)
+    if first is None:
+        raise OptionError("calibration data: the feed iterable is empty")
+    if set(first) != names:
+        raise OptionError(f"calibration data: feeds have keys {sorted(first)}, the model's inputs are {sorted(names)}")
+    count = len(items) if items is not None else sum(1 for _ in make())
+
+    def part(held: bool) -> Part:
+        def batches():
+            for i, feed in enumerate(make()):
+                if _is_heldout(i, period) == held:
+                    yield feed
+        n = sum(1 for i in range(count) if _is_heldout(i, period) == held)
+        return Part(batches, None, n)
+
+    return Calibration(part(False), part(True), f"{count} feed dicts")

@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .api import optimize as run_optimize
+from .api import _no_progress, optimize as run_optimize
+from .calib import Preprocess
 from .config import GRAPH_FORMS, METHODS, OptimizeConfig, parse_input_shape
 from .errors import DwdError
 from .report import render_table
@@ -38,18 +39,39 @@ def optimize_options(fn):
     for decorator in reversed([
         click.option("--rank", "-k", type=int, default=1, show_default=True,
                      help="Depthwise filters per input channel (K); kh*kw reproduces each layer exactly."),
-        click.option("--method", type=click.Choice(METHODS), default="nd", show_default=True,
-                     help="Fitting method: nd = data-free Network Decoupling."),
+        click.option("--method", type=click.Choice(METHODS), default=None,
+                     help="refit (ours; default with --calib), dwd-comp (paper Alg. 2), dwd (paper Alg. 1), "
+                          "nd (data-free Network Decoupling; default without --calib), channel (baseline: "
+                          "k x k conv to c' channels + 1x1, c' for the MACs of rank K)."),
+        click.option("--inter-layer/--no-inter-layer", default=True, show_default=True,
+                     help="Fit each layer on the inputs of the partly decomposed model against the original "
+                          "model's outputs (paper eq. 10); data-driven methods only."),
         click.option("--graph-form", type=click.Choice(GRAPH_FORMS), default="auto", show_default=True,
                      help="Graph form of the depthwise stage for K > 1 (auto = fastest measured in onnxruntime)."),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
                      help="Fix a dynamic input's shape for validation, e.g. images:1,3,320,320 (repeatable). "
                           "The written model keeps its dynamic dimensions. A dynamic batch defaults to 1."),
         click.option("--calib", type=click.Path(path_type=Path), default=None,
-                     help="Folder of images (recursive; labels.csv with columns file,label optional) "
-                          "to validate on; without it, seeded random inputs."),
+                     help="Calibration data: a folder of images (jpg/png/bmp, recursive; labels.csv with "
+                          "columns file,label optional), or .npy/.npz input tensors (a file or a folder)."),
+        click.option("--holdout", type=float, default=0.2, show_default=True,
+                     help="Fraction of the calibration data held out (never fitted on) for validation."),
+        click.option("--max-images", type=int, default=None, help="Use at most this many calibration images."),
+        click.option("--positions-per-image", type=int, default=None,
+                     help="Sample this many output positions per image for the statistics (default: all)."),
+        click.option("--resize", type=int, default=None,
+                     help="Resize the shorter image side to this, then centre-crop to the model's input size "
+                          "(default: resize straight to the input size)."),
+        click.option("--scale", type=float, default=1 / 255, show_default="1/255",
+                     help="Pixel values are multiplied by this, then (v - mean) / std."),
+        click.option("--mean", default="0", show_default=True, help="Per-channel mean, comma-separated."),
+        click.option("--std", default="1", show_default=True, help="Per-channel std, comma-separated."),
+        click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True,
+                     help="Channel order of 3-channel inputs."),
+        click.option("--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True,
+                     help="Image tensor layout; auto reads it off the input shape."),
         click.option("--validation-samples", type=int, default=32, show_default=True,
-                     help="How many inputs (images) to compare the original and optimized model on."),
+                     help="How many random inputs to validate on when there is no calibration data."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs."),
         click.option("--report", "report_json", type=click.Path(path_type=Path), default=None,
                      help="Write the report as JSON here."),
@@ -61,8 +83,24 @@ def optimize_options(fn):
     return fn
 
 
-def build_config(input_shapes, **options) -> OptimizeConfig:
-    return OptimizeConfig(input_shapes=dict(parse_input_shape(s) for s in input_shapes), **options)
+def _floats(text: str, flag: str):
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise DwdError(f"{flag} {text!r}: expected comma-separated numbers such as 0.485,0.456,0.406") from None
+
+
+def build_config(input_shapes, resize, scale, mean, std, channel_order, layout, **options) -> OptimizeConfig:
+    preprocess = Preprocess(resize=resize, scale=scale, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+                            channel_order=channel_order, layout=layout)
+    return OptimizeConfig(input_shapes=dict(parse_input_shape(s) for s in input_shapes), preprocess=preprocess,
+                          **options)
+
+
+def show_progress(iterable, label, length):
+    """A progress bar on stderr (click's), one per pass over the calibration data."""
+    with click.progressbar(iterable, length=length, label=label, file=sys.stderr, show_pos=True) as bar:
+        yield from bar
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,7 +116,8 @@ def main():
 @_user_errors
 def optimize(input_model, output_model, quiet, **options):
     """Decompose INPUT_MODEL's regular convs and write OUTPUT_MODEL with a report."""
-    report = run_optimize(input_model, output_model, build_config(**options))
+    report = run_optimize(input_model, output_model, build_config(**options),
+                          progress=_no_progress if quiet else show_progress)
     if not quiet:
         click.echo(render_table(report), nl=False)
 
@@ -96,11 +135,10 @@ def demo(output_model, quiet, **options):
                        "installed with `pip install -e .`")
     if options["calib"] is None:
         options["calib"] = DEFAULT_DIR / "images"
-    if options["validation_samples"] == 32:  # the default: use every bundled image
-        options["validation_samples"] = 10_000
     if options["report_json"] is None:
         options["report_json"] = output_model.with_suffix(".report.json")
-    report = run_optimize(model, output_model, build_config(**options))
+    report = run_optimize(model, output_model, build_config(**options),
+                          progress=_no_progress if quiet else show_progress)
     if not quiet:
         click.echo(render_table(report), nl=False)
         click.echo(f"wrote {output_model} and {options['report_json']}")

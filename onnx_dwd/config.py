@@ -6,10 +6,14 @@ import dataclasses
 from pathlib import Path
 from typing import Mapping, Optional, Tuple
 
+from .calib import Preprocess
 from .errors import OptionError
 
-#: Fitting methods. ``nd``: data-free Network Decoupling (per input channel SVD).
-METHODS = ("nd",)
+#: Fitting methods (see fit/): refit (ours, the default with calibration data),
+#: dwd-comp (paper Algorithm 2), dwd (paper Algorithm 1), nd (data-free
+#: Network Decoupling, the default without), channel (Zhang et al. baseline).
+METHODS = ("refit", "dwd-comp", "dwd", "nd", "channel")
+DATA_FREE_METHODS = ("nd",)
 
 #: How a rank-K (K > 1) depthwise stage is written in the graph; see rewrite.py.
 GRAPH_FORMS = ("auto", "sum", "split", "multiplier", "concat-input")
@@ -43,24 +47,40 @@ class OptimizeConfig:
 
     rank: K, the number of depthwise filters per input channel (1 is the
         paper's form; kh*kw reproduces the layer exactly). Clamped per layer
-        to the largest useful rank, min(kh*kw, out_channels / group).
-    method: fitting method, one of METHODS.
+        to the largest useful rank, min(kh*kw, out_channels / group). For
+        method "channel", c' is chosen per layer for the MACs of rank K.
+    method: fitting method, one of METHODS; None means refit with
+        calibration data and nd without.
+    inter_layer: fit each layer on the inputs the partly decomposed model
+        produces, against the original model's outputs (paper eq. 10).
     graph_form: graph form of the depthwise stage for K > 1, one of GRAPH_FORMS.
     input_shapes: fixed shapes for dynamic graph inputs, used for validation
         and MAC counts; the written model keeps its dynamic dimensions.
-    calib: folder of images (labels.csv beside them optional); without it,
-        validation uses seeded uniform [0, 1) inputs.
-    validation_samples: how many inputs (images) to compare original and
-        optimized on.
+    calib: folder of images (labels.csv beside them optional), or .npy/.npz
+        files (or a folder of them); without it, validation uses seeded
+        uniform [0, 1) inputs and only method nd is possible.
+    holdout: fraction of the calibration data held out (every 1/holdout-th
+        item) for validation and per-layer errors, never fitted on.
+    max_images: use at most this many calibration items (None: all).
+    positions_per_image: output positions sampled per image for the
+        statistics (None: every position).
+    preprocess: how image files become input tensors.
+    validation_samples: how many random inputs to compare original and
+        optimized on when there is no calibration data.
     seed: seed for generated validation inputs.
     report_json / report_markdown: where to write the report, if anywhere.
     """
 
     rank: int = 1
-    method: str = "nd"
+    method: Optional[str] = None
+    inter_layer: bool = True
     graph_form: str = "auto"
     input_shapes: Mapping[str, Tuple[int, ...]] = dataclasses.field(default_factory=dict)
     calib: Optional[Path] = None
+    holdout: float = 0.2
+    max_images: Optional[int] = None
+    positions_per_image: Optional[int] = None
+    preprocess: Preprocess = Preprocess()
     validation_samples: int = 32
     seed: int = 0
     report_json: Optional[Path] = None
@@ -69,7 +89,7 @@ class OptimizeConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
             raise OptionError(f"--rank must be a positive integer, got {self.rank!r}")
-        if self.method not in METHODS:
+        if self.method is not None and self.method not in METHODS:
             raise OptionError(
                 f"--method {self.method!r} is not known; choose one of {', '.join(METHODS)}"
             )
@@ -81,4 +101,18 @@ class OptimizeConfig:
             raise OptionError(
                 f"--validation-samples must be at least 1, got {self.validation_samples}"
             )
+        if not 0 <= self.holdout < 1:
+            raise OptionError(f"--holdout must be in [0, 1), got {self.holdout}")
+        for name in ("max_images", "positions_per_image"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise OptionError(f"--{name.replace('_', '-')} must be positive, got {value}")
         object.__setattr__(self, "input_shapes", dict(self.input_shapes))
+
+    def resolved_method(self, has_data: bool) -> str:
+        """The method to run: the explicit one, else refit with data and nd without."""
+        method = self.method or ("refit" if has_data else "nd")
+        if method not in DATA_FREE_METHODS and not has_data:
+            raise OptionError(f"--method {method} fits to calibration data: give --calib DIR "
+                              "(or use --method nd, which needs none)")
+        return method

@@ -29,3 +29,17 @@ def count_params(model: onnx.ModelProto) -> int:
         if node.op_type == "Constant":
             tensors.extend(a.t for a in node.attribute if a.name == "value")
     return int(sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats))
+
+
+def channel_macs(out_shape: Sequence[int], out_channels: int, in_channels: int, kernel: Sequence[int],
+                 channels: int) -> int:
+    """k x k conv to c' channels, then 1x1 to n, for one image."""
+    pixels = int(np.prod(out_shape[2:]))
+    return pixels * channels * (in_channels * int(np.prod(kernel)) + out_channels)
+
+
+def channels_for_rank(out_channels: int, in_channels: int, kernel: Sequence[int], rank: int) -> int:
+    """c' whose channel decomposition costs the MACs of the rank-K depthwise form (group 1)."""
+    k2 = int(np.prod(kernel))
+    dw = rank * in_channels * (k2 + out_channels)
+    return max(1, round(dw / (in_channels * k2 + out_channels)))

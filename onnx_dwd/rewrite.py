@@ -130,3 +130,26 @@ def replace_conv(graph: gs.Graph, layer: ConvLayer, dec: Decomposition, graph_fo
                                attrs={"kernel_shape": [1, 1], "group": g},
                                inputs=pw_inputs, outputs=[y]))
     return form
+
+
+def replace_conv_with_channel(graph: gs.Graph, layer: ConvLayer, first: np.ndarray, second: np.ndarray,
+                              bias: np.ndarray, names: Optional[NameAllocator] = None) -> str:
+    """Channel-decomposition baseline: Conv(X, first; original geometry) -> 1x1 Conv(second, bias)."""
+    names = names or NameAllocator(graph)
+    node = layer.node
+    x, y = node.inputs[0], node.outputs[0]
+    dtype = layer.weight.dtype
+    base = layer.name
+    mid = gs.Variable(names(f"{base}/reduce_output"), dtype=dtype)
+    spatial = {a: node.attrs[a] for a in _SPATIAL_ATTRS if a in node.attrs}
+    graph.nodes.append(gs.Node("Conv", names(f"{base}/reduce"),
+                               attrs={"kernel_shape": list(layer.kernel), **spatial},
+                               inputs=[x, gs.Constant(names(f"{base}/reduce.weight"), first.astype(dtype))],
+                               outputs=[mid]))
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes.append(gs.Node("Conv", names(f"{base}/expand"), attrs={"kernel_shape": [1, 1]},
+                               inputs=[mid, gs.Constant(names(f"{base}/expand.weight"), second.astype(dtype)),
+                                       gs.Constant(names(f"{base}/expand.bias"), bias.astype(dtype))],
+                               outputs=[y]))
+    return "channel"

@@ -92,7 +92,7 @@ def test_refuses_to_overwrite_the_input(small_model):
 def test_failure_leaves_existing_output_and_no_temporary_files(small_model, tmp_path):
     out = tmp_path / "out.onnx"
     out.write_bytes(b"keep me")
-    with pytest.raises(DwdError, match="not a directory"):
+    with pytest.raises(DwdError, match="no such file or directory"):
         optimize(small_model, out, OptimizeConfig(input_shapes={"x": (1, 3, 8, 8)}, calib=tmp_path / "nope"))
     assert out.read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "small.onnx"]
@@ -127,28 +127,40 @@ def test_cli_end_to_end(small_model, tmp_path):
 
 def test_every_cli_option_reaches_the_config(monkeypatch, tmp_path):
     seen = {}
-    monkeypatch.setattr(cli, "run_optimize", lambda i, o, config: seen.setdefault("config", config) and {})
+    monkeypatch.setattr(cli, "run_optimize", lambda i, o, config, progress: seen.setdefault("config", config) and {})
     monkeypatch.setattr(cli, "render_table", lambda report: "")
-    values = {"--rank": ("3", 3), "--method": ("nd", "nd"), "--graph-form": ("concat-input", "concat-input"),
+    values = {"--rank": ("3", 3), "--method": ("dwd", "dwd"), "--graph-form": ("concat-input", "concat-input"),
+              "--no-inter-layer": (None, False), "--holdout": ("0.3", 0.3), "--max-images": ("9", 9),
+              "--positions-per-image": ("11", 11), "--resize": ("256", 256), "--scale": ("1", 1.0),
+              "--mean": ("1,2,3", (1.0, 2.0, 3.0)), "--std": ("4,5,6", (4.0, 5.0, 6.0)),
+              "--channel-order": ("bgr", "bgr"), "--layout": ("nhwc", "nhwc"),
               "--input-shape": ("input:0:1,224,224,3", {"input:0": (1, 224, 224, 3)}),
               "--calib": (str(tmp_path), tmp_path), "--validation-samples": ("7", 7), "--seed": ("5", 5),
               "--report": (str(tmp_path / "r.json"), tmp_path / "r.json"),
               "--markdown": (str(tmp_path / "r.md"), tmp_path / "r.md")}
     args = ["optimize", "in.onnx", "out.onnx"]
     for flag, (text, _) in values.items():
-        args += [flag, text]
+        args += [flag] if text is None else [flag, text]
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 0, result.output
     config = seen["config"]
     fields = {"--rank": "rank", "--method": "method", "--graph-form": "graph_form", "--input-shape": "input_shapes",
+              "--no-inter-layer": "inter_layer", "--holdout": "holdout", "--max-images": "max_images",
+              "--positions-per-image": "positions_per_image", "--resize": "preprocess.resize",
+              "--scale": "preprocess.scale", "--mean": "preprocess.mean", "--std": "preprocess.std",
+              "--channel-order": "preprocess.channel_order", "--layout": "preprocess.layout",
               "--calib": "calib", "--validation-samples": "validation_samples", "--seed": "seed",
               "--report": "report_json", "--markdown": "report_markdown"}
     for flag, (_, expected) in values.items():
-        assert getattr(config, fields[flag]) == expected, flag
+        obj = config
+        for part in fields[flag].split("."):
+            obj = getattr(obj, part)
+        assert obj == expected, flag
     # every option of the command is covered here, and every config field has an option
-    options = {o for p in cli.optimize.params for o in p.opts if o.startswith("--")} - {"--quiet", "--help"}
-    assert options == set(values)
-    assert set(fields.values()) == set(inspect.signature(OptimizeConfig).parameters)
+    options = {o for p in cli.optimize.params for o in p.opts + p.secondary_opts if o.startswith("--")}
+    assert options - {"--quiet", "--help", "--inter-layer"} == set(values)
+    covered = {f.split(".")[0] for f in fields.values()}
+    assert covered == set(inspect.signature(OptimizeConfig).parameters)
 
 
 @pytest.mark.parametrize("text", ["images", "images:", "images:1,a", "images:0,3"])

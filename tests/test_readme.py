@@ -37,9 +37,14 @@ def test_main_job_runs_on_the_embedded_default(tmp_path):
     main = first_commands()[0].split("&&")[1].strip()
     result = bash(main, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "5 of 5 decomposed" in result.stdout and "accuracy vs labels: 93.44%" in result.stdout
+    assert "5 of 5 decomposed" in result.stdout and "accuracy vs labels: 95.31%" in result.stdout
     report = json.loads((tmp_path / "fashion_mnist_dwd.report.json").read_text())
-    assert report["model"]["validation"]["samples"] == 320
+    validation = report["model"]["validation"]
+    assert report["config"]["method"] == "refit" and report["config"]["inter_layer"]
+    assert validation["samples"] == 64  # every 5th of the 320 bundled images is held out
+    # measured 0.797 (data-free nd at the same MACs: 0.094); a regression in the fits fails here
+    assert validation["accuracy_after"] >= 0.75
+    assert all(0 < l["rel_error"] < 1 for l in report["layers"])
     onnx.checker.check_model(onnx.load(tmp_path / "fashion_mnist_dwd.onnx"))
 
 
