@@ -11,9 +11,10 @@ from typing import Callable, Dict, Iterable, List, Optional
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from threadpoolctl import threadpool_limits
 
 from . import __version__
-from .calib import (IMAGE_SUFFIXES, Calibration, array_calibration, feed_calibration, image_calibration, random_feeds,
+from .calib import (IMAGE_SUFFIXES, Calibration, DiskCache, array_calibration, feed_calibration, image_calibration, random_feeds,
                     resolve_input_specs)
 from .capture import Capture, CaptureSpec, dependency_levels, tensor_shapes
 from .config import DATA_FREE_METHODS, OptimizeConfig
@@ -105,6 +106,14 @@ def decompose_model(original: onnx.ModelProto, config: OptimizeConfig,
     (without it MACs are None). calibration: data to fit on (its fit part)
     and to measure per-layer errors on (its held-out part).
     """
+    # One BLAS thread: the fits loop over small matrices, where OpenBLAS's
+    # spinning worker threads cost 5-20x on a 2-core machine with anything
+    # else running (onnxruntime included); measured in benchmarks/RESULTS.md.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _decompose(original, config, shape_feed, calibration, what, progress)
+
+
+def _decompose(original, config, shape_feed, calibration, what, progress) -> Decomposed:
     method = config.resolved_method(calibration is not None)
     graph = gs.import_onnx(original)
     folded = fold_affine_into_convs(graph)
@@ -197,6 +206,13 @@ def optimize(input_path: os.PathLike, output_path: os.PathLike, config: Optional
     specs = resolve_input_specs(original, config.input_shapes, str(input_path))
     calib = load_calibration(config, specs, calibration)
     config.resolved_method(calib is not None)  # fail early on a data-driven method without data
+    with DiskCache() as cache:
+        if calib is not None:  # fitting reads the data once per dependency level
+            calib = dataclasses.replace(calib, fit=cache.wrap(calib.fit), holdout=cache.wrap(calib.holdout))
+        return _optimize(input_path, output_path, config, original, specs, calib, progress, started)
+
+
+def _optimize(input_path, output_path, config, original, specs, calib, progress, started) -> Dict:
 
     if calib is not None and calib.holdout.count:
         validation_feeds, labels = calib.holdout.batches, calib.holdout.labels

@@ -342,3 +342,49 @@ def feed_calibration(source, specs: Sequence[InputSpec], holdout: float) -> Cali
         return Part(batches, None, n)
 
     return Calibration(part(False), part(True), f"{count} feed dicts")
+
+
+class DiskCache:
+    """Re-iterable parts backed by .npz files in a temporary folder.
+
+    The first pass over a part reads the source (decoding images, running
+    preprocessing) and saves each feed; later passes read the saved feeds.
+    Memory stays at one batch whatever the number of images.
+    """
+
+    def __init__(self):
+        import tempfile
+        self._dir = tempfile.TemporaryDirectory(prefix="onnx-dwd-calib-")
+        self._count = 0
+
+    def wrap(self, part: Part) -> Part:
+        files: List[Path] = []
+        done = [False]
+        source = part.batches
+        root = Path(self._dir.name)
+
+        def batches():
+            if done[0]:
+                for f in files:
+                    with np.load(f) as z:
+                        yield {k: z[k] for k in z.files}
+                return
+            files.clear()  # an earlier pass may have stopped early
+            for feed in source():
+                path = root / f"{self._count:07d}.npz"
+                self._count += 1
+                np.savez(path, **feed)
+                files.append(path)
+                yield feed
+            done[0] = True
+
+        return Part(batches, part.labels, part.count)
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+    def __enter__(self) -> "DiskCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

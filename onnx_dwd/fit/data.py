@@ -22,10 +22,9 @@ A = B L^-T = U S V^T, P = U_K S_K, D = V_K^T L^-1.
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
-from scipy.linalg import cho_factor, solve_triangular
 
 from .common import Decomposition, assemble, max_rank, svd_flip
 from .stats import LayerStats
@@ -39,23 +38,37 @@ REFIT_SWEEPS = 3
 
 
 def _ridge(cov: np.ndarray) -> np.ndarray:
-    scale = max(float(np.trace(cov)) / len(cov), 1e-30)
-    return cov + (RIDGE * scale + 1e-12) * np.eye(len(cov))
+    """cov [..., q, q] plus a small multiple of its mean diagonal (batched)."""
+    q = cov.shape[-1]
+    scale = np.maximum(np.trace(cov, axis1=-2, axis2=-1) / q, 1e-30)[..., None, None]
+    return cov + (RIDGE * scale + 1e-12) * np.eye(q)
 
 
-def reduced_rank_fit(cross: np.ndarray, cov: np.ndarray, rank: int) -> Tuple[np.ndarray, np.ndarray]:
-    """argmin over P [m, K], D [K, q] of E|t - P D x|^2, given cross = E[t x^T] [m, q], cov = E[x x^T] [q, q]."""
-    lower, _ = cho_factor(_ridge(cov), lower=True)
-    lower = np.tril(lower)
-    a = solve_triangular(lower, cross.T, lower=True).T  # B L^-T
+def inverse_cholesky(cov: np.ndarray) -> np.ndarray:
+    """L^-1 for cov + ridge = L L^T, batched over leading axes.
+
+    numpy only: mixing scipy's LAPACK calls into these loops made each tiny
+    solve take milliseconds (two OpenBLAS thread pools spinning against each
+    other on 2 cores)."""
+    return np.linalg.inv(np.linalg.cholesky(_ridge(cov)))
+
+
+def _whitened_fit(cross: np.ndarray, linv: np.ndarray, rank: int) -> Tuple[np.ndarray, np.ndarray]:
+    """reduced_rank_fit with the covariance given as L^-1."""
+    a = cross @ linv.T  # B L^-T
     u, s, vt = np.linalg.svd(a, full_matrices=False)
     u, vt = svd_flip(u[:, :rank], vt[:rank])
     p = u * s[:rank]
-    d = solve_triangular(lower.T, vt.T, lower=False).T  # V_K^T L^-1
+    d = vt @ linv  # V_K^T L^-1
     # balance the scale between the two factors (the product is unchanged)
     scale = np.sqrt(np.linalg.norm(d, axis=1) / np.maximum(np.linalg.norm(p, axis=0), 1e-30))
     scale[~np.isfinite(scale) | (scale == 0)] = 1.0
     return p * scale, d / scale[:, None]
+
+
+def reduced_rank_fit(cross: np.ndarray, cov: np.ndarray, rank: int) -> Tuple[np.ndarray, np.ndarray]:
+    """argmin over P [m, K], D [K, q] of E|t - P D x|^2, given cross = E[t x^T] [m, q], cov = E[x x^T] [q, q]."""
+    return _whitened_fit(cross, inverse_cholesky(cov), rank)
 
 
 @dataclasses.dataclass
@@ -67,6 +80,7 @@ class _Group:
     my: np.ndarray
     cxx: np.ndarray
     cyx: np.ndarray
+    _linv: Optional[np.ndarray] = None
 
     @property
     def k2(self) -> int:
@@ -74,6 +88,15 @@ class _Group:
 
     def block(self, i: int) -> slice:
         return slice(i * self.k2, (i + 1) * self.k2)
+
+    @property
+    def channel_linv(self) -> np.ndarray:
+        """L_i^-1 of every channel's diagonal block C_ii, [c_g, k2, k2] (computed once)."""
+        if self._linv is None:
+            c, k2 = self.w.shape[1], self.k2
+            blocks = self.cxx.reshape(c, k2, c, k2)[np.arange(c), :, np.arange(c), :]
+            self._linv = inverse_cholesky(blocks)
+        return self._linv
 
 
 def _groups(weight: np.ndarray, stats: LayerStats):
@@ -130,11 +153,11 @@ def _sweep(grp: _Group, m: np.ndarray, p: np.ndarray, d: np.ndarray, k: int) -> 
     """One pass over the channels in order: channel i gets the rank-K best fit to the
     residual left by all the others (m [n_g, c_g, k2] holds the current weights)."""
     flat = m.reshape(m.shape[0], -1)  # a view: updates to m show here
+    linv = grp.channel_linv
     for i in range(m.shape[1]):
         blk = grp.block(i)
-        cii = grp.cxx[blk, blk]
-        cross = grp.cyx[:, blk] - flat @ grp.cxx[:, blk] + m[:, i] @ cii
-        p[i], d[i] = reduced_rank_fit(cross, cii, k)
+        cross = grp.cyx[:, blk] - flat @ grp.cxx[:, blk] + m[:, i] @ grp.cxx[blk, blk]
+        p[i], d[i] = _whitened_fit(cross, linv[i], k)
         m[:, i] = p[i] @ d[i]
 
 
@@ -176,8 +199,7 @@ def refit(weight: np.ndarray, stats: LayerStats, rank: int, sweeps: int = REFIT_
             dbd[i * k:(i + 1) * k, grp.block(i)] = d[i]
         czz = dbd @ grp.cxx @ dbd.T
         cyz = grp.cyx @ dbd.T
-        lower, _ = cho_factor(_ridge(czz), lower=True)
-        pw = solve_triangular(np.tril(lower).T, solve_triangular(np.tril(lower), cyz.T, lower=True), lower=False).T
+        pw = np.linalg.solve(_ridge(czz), cyz.T).T  # P = C_yz C_zz^-1
         out.append((pw.reshape(m.shape[0], cg, k).transpose(1, 0, 2), d))
     return _finish(weight, out, stats, k)
 
