@@ -37,20 +37,40 @@ RIDGE = 1e-6
 REFIT_SWEEPS = 3
 
 
-def _ridge(cov: np.ndarray) -> np.ndarray:
+def _ridge(cov: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
     """cov [..., q, q] plus a small multiple of its mean diagonal (batched)."""
     q = cov.shape[-1]
     scale = np.maximum(np.trace(cov, axis1=-2, axis2=-1) / q, 1e-30)[..., None, None]
-    return cov + (RIDGE * scale + 1e-12) * np.eye(q)
+    return cov + (ridge * scale + 1e-12) * np.eye(q)
 
 
 def inverse_cholesky(cov: np.ndarray) -> np.ndarray:
     """L^-1 for cov + ridge = L L^T, batched over leading axes.
 
-    numpy only: mixing scipy's LAPACK calls into these loops made each tiny
-    solve take milliseconds (two OpenBLAS thread pools spinning against each
-    other on 2 cores)."""
-    return np.linalg.inv(np.linalg.cholesky(_ridge(cov)))
+    The covariance is accumulated from float32 products, so directions with
+    (almost) no variance can come out slightly negative; where the Cholesky
+    fails the ridge grows tenfold until it succeeds (those directions carry
+    no signal to fit). numpy only: mixing scipy's LAPACK calls into these
+    loops made each tiny solve take milliseconds (two OpenBLAS thread pools
+    spinning against each other on 2 cores).
+    """
+    try:
+        return np.linalg.inv(np.linalg.cholesky(_ridge(cov)))
+    except np.linalg.LinAlgError:
+        pass
+    flat = cov.reshape(-1, cov.shape[-2], cov.shape[-1])
+    out = np.empty_like(flat)
+    for i, c in enumerate(flat):
+        ridge = RIDGE
+        while True:
+            try:
+                out[i] = np.linalg.inv(np.linalg.cholesky(_ridge(c, ridge)))
+                break
+            except np.linalg.LinAlgError:
+                if ridge >= 1.0:
+                    raise
+                ridge *= 10
+    return out.reshape(cov.shape)
 
 
 def _whitened_fit(cross: np.ndarray, linv: np.ndarray, rank: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -199,7 +219,8 @@ def refit(weight: np.ndarray, stats: LayerStats, rank: int, sweeps: int = REFIT_
             dbd[i * k:(i + 1) * k, grp.block(i)] = d[i]
         czz = dbd @ grp.cxx @ dbd.T
         cyz = grp.cyx @ dbd.T
-        pw = np.linalg.solve(_ridge(czz), cyz.T).T  # P = C_yz C_zz^-1
+        linv = inverse_cholesky(czz)
+        pw = cyz @ linv.T @ linv  # P = C_yz C_zz^-1
         out.append((pw.reshape(m.shape[0], cg, k).transpose(1, 0, 2), d))
     return _finish(weight, out, stats, k)
 
