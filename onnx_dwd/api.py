@@ -155,7 +155,7 @@ def _decompose(original, config, shape_feed, calibration, what, progress) -> Dec
                     capture.add(feed, fit_stats)
             for feed in progress(calibration.holdout.batches(), f"{stage}: held-out data", None):
                 capture.add(feed, held_stats)
-            for layer in group:
+            for layer in progress(group, f"{stage}: fitting ({method})", len(group)):
                 _fit_and_replace(graph, layer, entries[layer.name], method, config.rank, config.graph_form,
                                  names, fit_stats[layer.name] if fit_stats else None, held_stats[layer.name])
     graph.cleanup().toposort()

@@ -168,8 +168,12 @@ def read_labels(folder: Path, files: Sequence[Path]) -> Optional[np.ndarray]:
     path = folder / LABELS_FILE
     if not path.is_file():
         return None
-    with open(path, newline="") as f:
-        rows = {r["file"]: int(r["label"]) for r in csv.DictReader(f)}
+    try:
+        with open(path, newline="") as f:
+            rows = {r["file"]: int(r["label"]) for r in csv.DictReader(f)}
+    except (KeyError, ValueError, TypeError) as exc:
+        raise OptionError(f"{path}: expected a header 'file,label' and an integer label on every row "
+                          f"({type(exc).__name__}: {exc})") from None
     missing = [p for p in files if p.relative_to(folder).as_posix() not in rows]
     if missing:
         raise OptionError(f"{path}: no label for {missing[0].relative_to(folder).as_posix()} "
@@ -274,14 +278,14 @@ def array_calibration(path: Path, specs: Sequence[InputSpec], holdout: float) ->
 
     Each array holds a batch; every file is one feed. Files are read lazily.
     """
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".npy", ".npz"))
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in (".npy", ".npz"))
     if not files:
         raise OptionError(f"--calib {path}: no .npy/.npz files found")
     names = [s.name for s in specs]
 
     def load(f: Path) -> Dict[str, np.ndarray]:
         try:
-            if f.suffix == ".npy":
+            if f.suffix.lower() == ".npy":
                 if len(specs) != 1:
                     raise OptionError(f"{f}: a .npy file can feed a single-input model; this one has inputs "
                                       f"{', '.join(names)}: use .npz with those keys")
@@ -332,14 +336,14 @@ def feed_calibration(source, specs: Sequence[InputSpec], holdout: float) -> Cali
     if set(first) != names:
         raise OptionError(f"calibration data: feeds have keys {sorted(first)}, the model's inputs are {sorted(names)}")
     count = len(items) if items is not None else sum(1 for _ in make())
+    held_out = set(_split_indices(count, period)[1])
 
     def part(held: bool) -> Part:
         def batches():
             for i, feed in enumerate(make()):
-                if _is_heldout(i, period) == held:
+                if (i in held_out) == held:
                     yield feed
-        n = sum(1 for i in range(count) if _is_heldout(i, period) == held)
-        return Part(batches, None, n)
+        return Part(batches, None, len(held_out) if held else count - len(held_out))
 
     return Calibration(part(False), part(True), f"{count} feed dicts")
 
@@ -358,23 +362,24 @@ class DiskCache:
         self._count = 0
 
     def wrap(self, part: Part) -> Part:
-        files: List[Path] = []
+        files: List[Tuple[Path, List[str]]] = []
         done = [False]
         source = part.batches
         root = Path(self._dir.name)
 
         def batches():
             if done[0]:
-                for f in files:
+                for f, names in files:
                     with np.load(f) as z:
-                        yield {k: z[k] for k in z.files}
+                        yield {name: z[f"arr_{i}"] for i, name in enumerate(names)}
                 return
             files.clear()  # an earlier pass may have stopped early
             for feed in source():
                 path = root / f"{self._count:07d}.npz"
                 self._count += 1
-                np.savez(path, **feed)
-                files.append(path)
+                # positional arrays: input names such as "file" would clash with savez's keywords
+                np.savez(path, *feed.values())
+                files.append((path, list(feed)))
                 yield feed
             done[0] = True
 
