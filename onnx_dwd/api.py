@@ -36,7 +36,7 @@ from .validate import compare_runs
 #: progress(iterable, label, length) -> iterable; the CLI shows a bar, the API default shows nothing.
 Progress = Callable[[Iterable, str, Optional[int]], Iterable]
 
-_DATA_FITS = {"dwd": dwd, "dwd-comp": dwd_comp, "refit": refit}
+_DATA_FITS = {"dwd": dwd, "dwd-comp": dwd_comp}
 
 
 def _no_progress(iterable, label, length):
@@ -67,7 +67,8 @@ class Decomposed:
     inter_layer: bool
 
 
-def _fit_and_replace(graph, layer, entry, method, rank, graph_form, names, fit_stats, held_stats):
+def _fit_and_replace(graph, layer, entry, method, rank, graph_form, names, fit_stats, held_stats,
+                     val_stats=None):
     """Fit one candidate, rewrite it in graph, fill its report entry."""
     w = layer.weight.astype(np.float64)
     out_shape = entry["output_shape"]
@@ -82,8 +83,13 @@ def _fit_and_replace(graph, layer, entry, method, rank, graph_form, names, fit_s
             entry["macs_after"] = channel_macs(out_shape, layer.out_channels, layer.in_channels, layer.kernel,
                                                ch.channels)
     else:
-        dec = network_decoupling(layer.weight, rank, layer.group) if method == "nd" \
-            else _DATA_FITS[method](layer.weight, fit_stats, rank)
+        if method == "nd":
+            dec = network_decoupling(layer.weight, rank, layer.group)
+        elif method == "refit":
+            dec = refit(layer.weight, fit_stats, rank, validation=val_stats)
+            entry["refit_variant"] = dec.detail
+        else:
+            dec = _DATA_FITS[method](layer.weight, fit_stats, rank)
         rebuilt = reconstruct_weight(dec).astype(np.float64)
         bias = dec.bias if dec.bias is not None else layer.bias
         entry["graph_form"] = replace_conv(graph, layer, dec, graph_form, names)
@@ -147,17 +153,20 @@ def _decompose(original, config, shape_feed, calibration, what, progress) -> Dec
             capture = Capture(prepared, current, [CaptureSpec.of(l) for l in group],
                               config.positions_per_image, config.seed + index, what=what)
             fit_stats = capture.new_stats() if needs_fit_data else None
+            # refit picks its variant on images of the fit data it does not fit on first
+            val_stats = capture.new_stats() if method == "refit" else None
             held_stats = capture.new_stats()
             stage = f"level {index + 1}/{len(levels)}" if inter_layer else "capture"
             if needs_fit_data:
                 for feed in progress(calibration.fit.batches(), f"{stage}: fit data, {len(group)} layers",
                                      None):
-                    capture.add(feed, fit_stats)
+                    capture.add(feed, fit_stats, val_stats)
             for feed in progress(calibration.holdout.batches(), f"{stage}: held-out data", None):
                 capture.add(feed, held_stats)
             for layer in progress(group, f"{stage}: fitting ({method})", len(group)):
                 _fit_and_replace(graph, layer, entries[layer.name], method, config.rank, config.graph_form,
-                                 names, fit_stats[layer.name] if fit_stats else None, held_stats[layer.name])
+                                 names, fit_stats[layer.name] if fit_stats else None, held_stats[layer.name],
+                                 val_stats[layer.name] if val_stats else None)
     graph.cleanup().toposort()
     model = export_graph(graph, original)
     model.metadata_props.add(key="onnx_dwd", value=f"version={__version__} method={method} rank={config.rank}")

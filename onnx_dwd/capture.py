@@ -160,17 +160,34 @@ class Capture:
         self.positions = positions_per_image
         self.rng = np.random.default_rng(seed)
         self.what = what
+        self.images = 0
 
     def new_stats(self) -> Dict[str, LayerStats]:
         return {s.name: LayerStats.zeros(s.out_channels, s.in_channels // s.group * s.kernel[0] * s.kernel[1],
                                          s.group) for s in self.specs}
 
-    def add(self, feed: Dict[str, np.ndarray], stats: Dict[str, LayerStats]) -> None:
+    def add(self, feed: Dict[str, np.ndarray], stats: Dict[str, LayerStats],
+            validation: Optional[Dict[str, LayerStats]] = None, period: int = 4) -> None:
+        """Accumulate one feed's positions into stats; with `validation`, every
+        period-th image (counted across calls) goes there instead."""
         (ref_vals,) = run_batches(self.ref, [feed], self.ref_names, what=self.what)
         values = dict(zip(self.ref_names, ref_vals))
         if self.cur is not None:
             (cur_vals,) = run_batches(self.cur, [feed], self.cur_names, what=self.what)
             values.update(zip(self.cur_names, cur_vals))
+        batch = len(next(iter(values.values())))
+        index = self.images + np.arange(batch)
+        self.images += batch
+        routes = [(stats, np.arange(batch))]
+        if validation is not None:
+            to_val = index % period == period - 1
+            routes = [(stats, np.flatnonzero(~to_val)), (validation, np.flatnonzero(to_val))]
+        for target, rows in routes:
+            if len(rows):
+                self._accumulate({k: v[rows] for k, v in values.items()},
+                                 {k: v[rows] for k, v in feed.items()}, target)
+
+    def _accumulate(self, values, feed, stats) -> None:
         for spec in self.specs:
             x = feed[spec.input_name] if spec.input_name in feed else values[spec.input_name]
             y = values[spec.output_name]

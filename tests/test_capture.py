@@ -429,3 +429,18 @@ def test_generator_calibration_matches_list(e2e, reports):
     report = optimize(folder / "m.onnx", folder / "gen.onnx", OptimizeConfig(method="refit"),
                       calibration=(f for f in feeds))
     assert [l["rel_error"] for l in report["layers"]] == [l["rel_error"] for l in reports["refit"]["layers"]]
+
+
+def test_capture_routes_every_fourth_image_to_validation(rng):
+    import onnx_graphsurgeon as gs
+
+    from conftest import conv_model
+    from onnx_dwd.capture import Capture, CaptureSpec
+    from onnx_dwd.select import classify_convs
+    model = conv_model(rng.standard_normal((4, 2, 3, 3)), None, ["n", 2, 6, 6], attrs={"pads": [1, 1, 1, 1]})
+    (layer,) = classify_convs(gs.import_onnx(model))
+    capture = Capture(model, None, [CaptureSpec.of(layer)])
+    train, val = capture.new_stats(), capture.new_stats()
+    for batch in (3, 5, 4):  # 12 images in uneven batches: images 3, 7, 11 go to validation
+        capture.add({"x": rng.standard_normal((batch, 2, 6, 6)).astype(np.float32)}, train, val)
+    assert train[layer.name].count == 9 * 36 and val[layer.name].count == 3 * 36

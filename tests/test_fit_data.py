@@ -124,3 +124,23 @@ def test_im2col_reproduces_onnxruntime_conv(kernel, strides, dilations, pads, au
     patches = im2col(x, kernel, strides, dilations, conv_pads(x.shape[2:], kernel, strides, dilations, pads, auto_pad))
     assert patches.shape[:3] == (2,) + y.shape[2:]
     assert np.allclose(patches @ w.reshape(5, -1).T, y.transpose(0, 2, 3, 1), atol=1e-4)
+
+
+def test_refit_picks_the_variant_that_validates_best(rng):
+    """Few positions per dimension: the least-squares step overfits, and the validation notices."""
+    from onnx_dwd.fit.data import REFIT_VARIANTS, _refit_variant
+    w = rng.standard_normal((24, 16, 3, 3))
+    mix = rng.standard_normal((144, 144))
+    train = stats_for(w, None, rng.standard_normal((200, 144)) @ mix)   # 200 positions for 144 dims
+    val = stats_for(w, None, rng.standard_normal((200, 144)) @ mix)
+    held = stats_for(w, None, rng.standard_normal((4000, 144)) @ mix)
+    dec = refit(w, train, 1, validation=val)
+    assert dec.detail in REFIT_VARIANTS
+    scores = {name: error_of(val, _refit_variant(w, train, 1, *v)) for name, v in REFIT_VARIANTS.items()}
+    assert scores[dec.detail] == min(scores.values())
+    # the chosen variant, refitted on train + val, generalises no worse than the paper's Algorithm 2
+    assert error_of(held, dec) <= error_of(held, dwd_comp(w, train.merge(val), 1)) + 0.01
+    # plenty of data: the full joint solve wins
+    big_train = stats_for(w, None, rng.standard_normal((20000, 144)) @ mix)
+    big_val = stats_for(w, None, rng.standard_normal((5000, 144)) @ mix)
+    assert refit(w, big_train, 1, validation=big_val).detail == "sweeps+ls"

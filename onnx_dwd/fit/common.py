@@ -18,6 +18,7 @@ class Decomposition:
     group: G, the original conv's group.
     bias: [n] new bias of the pointwise conv, or None to keep the original one
         (data-driven fits move the bias to absorb the mean of the error).
+    detail: which variant a fit chose, for the report (refit), else None.
     """
 
     depthwise: np.ndarray
@@ -25,6 +26,7 @@ class Decomposition:
     rank: int
     group: int
     bias: Optional[np.ndarray] = None
+    detail: Optional[str] = None
 
 
 def max_rank(weight_shape, group: int) -> int:

@@ -26,8 +26,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .common import Decomposition, assemble, max_rank, svd_flip
-from .stats import LayerStats
+from .common import Decomposition, assemble, max_rank, reconstruct_weight, svd_flip
+from .stats import LayerStats, relative_error
 
 #: Ridge added to covariance matrices, relative to their mean diagonal, so that
 #: dead or constant inputs (padding, ReLU zeros) keep the solves well posed.
@@ -200,11 +200,12 @@ def dwd_comp(weight: np.ndarray, stats: LayerStats, rank: int) -> Decomposition:
     return _finish(weight, out, stats, k)
 
 
-def refit(weight: np.ndarray, stats: LayerStats, rank: int, sweeps: int = REFIT_SWEEPS) -> Decomposition:
-    """Ours: Algorithm 2, then `sweeps` more block-coordinate passes on the full residual,
-    then the exact least-squares pointwise weights P given the depthwise D (all
-    channels at once: each output's mix of all c*K depthwise channels)."""
-    k = _effective_rank(weight, rank, stats)
+#: refit's variants, from the paper's algorithm to the full joint solve:
+#: (extra block-coordinate sweeps, least-squares pointwise weights).
+REFIT_VARIANTS = {"alg2": (0, False), "sweeps": (REFIT_SWEEPS, False), "sweeps+ls": (REFIT_SWEEPS, True)}
+
+
+def _refit_variant(weight: np.ndarray, stats: LayerStats, k: int, sweeps: int, least_squares: bool) -> Decomposition:
     out = []
     for grp in _groups(weight, stats):
         cg = grp.w.shape[1]
@@ -213,16 +214,41 @@ def refit(weight: np.ndarray, stats: LayerStats, rank: int, sweeps: int = REFIT_
         d = np.zeros((cg, k, grp.k2))
         for _ in range(1 + sweeps):
             _sweep(grp, m, p, d, k)
-        # z = D x, block-diagonal D [c_g*K, c_g*k2]
-        dbd = np.zeros((cg * k, cg * grp.k2))
-        for i in range(cg):
-            dbd[i * k:(i + 1) * k, grp.block(i)] = d[i]
-        czz = dbd @ grp.cxx @ dbd.T
-        cyz = grp.cyx @ dbd.T
-        linv = inverse_cholesky(czz)
-        pw = cyz @ linv.T @ linv  # P = C_yz C_zz^-1
-        out.append((pw.reshape(m.shape[0], cg, k).transpose(1, 0, 2), d))
+        if least_squares:  # z = D x with block-diagonal D [c_g*K, c_g*k2]
+            dbd = np.zeros((cg * k, cg * grp.k2))
+            for i in range(cg):
+                dbd[i * k:(i + 1) * k, grp.block(i)] = d[i]
+            linv = inverse_cholesky(dbd @ grp.cxx @ dbd.T)
+            pw = (grp.cyx @ dbd.T) @ linv.T @ linv  # P = C_yz C_zz^-1
+            p = pw.reshape(m.shape[0], cg, k).transpose(1, 0, 2)
+        out.append((p, d))
     return _finish(weight, out, stats, k)
+
+
+def refit(weight: np.ndarray, stats: LayerStats, rank: int, validation: Optional[LayerStats] = None,
+          variant: Optional[str] = None) -> Decomposition:
+    """Ours: Algorithm 2, then block-coordinate passes over all channels on the full
+    residual, then the exact least-squares pointwise weights P given the depthwise D
+    (each output's mix of all c*K depthwise channels).
+
+    The later steps fit more freely and can overfit when the statistics hold
+    few positions per patch dimension (deep 7x7 layers, few images). With
+    `validation` (statistics of other images), each variant in REFIT_VARIANTS
+    is fitted on `stats`, scored on `validation`, and the best is refitted on
+    both; without it, `variant` (default "sweeps+ls") is used. The chosen
+    variant is in the result's `detail`.
+    """
+    k = _effective_rank(weight, rank, stats)
+    if validation is None or not validation.count:
+        name = variant or "sweeps+ls"
+        return dataclasses.replace(_refit_variant(weight, stats, k, *REFIT_VARIANTS[name]), detail=name)
+    scores = {}
+    for name, (sweeps, ls) in REFIT_VARIANTS.items():
+        dec = _refit_variant(weight, stats, k, sweeps, ls)
+        scores[name] = relative_error(validation, reconstruct_weight(dec), dec.bias)
+    best = min(scores, key=scores.get)
+    merged = stats.merge(validation)
+    return dataclasses.replace(_refit_variant(weight, merged, k, *REFIT_VARIANTS[best]), detail=best)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -135,5 +135,5 @@ def relative_error(stats: LayerStats, weight: np.ndarray, bias: Optional[np.ndar
         rows = slice(k * ng, (k + 1) * ng)
         mk, bk = m[rows], b[rows]
         err -= 2 * (np.einsum("ij,ij->", mk, stats.syx[rows]) + bk @ stats.sy[rows])
-        err += np.einsum("ij,jk,ik->", mk, stats.sxx[k], mk) + 2 * bk @ (mk @ stats.sx[k]) + stats.count * bk @ bk
+        err += np.einsum("ij,ij->", mk @ stats.sxx[k], mk) + 2 * bk @ (mk @ stats.sx[k]) + stats.count * bk @ bk
     return float(np.sqrt(max(err, 0.0) / stats.syy)) if stats.syy > 0 else 0.0
