@@ -61,6 +61,7 @@ from onnx_dwd.modelio import export_graph, load_model
 from onnx_dwd.select import classify_convs
 
 METHODS = ("nd", "dwd", "dwd_comp", "refit", "channel")
+variants = {}  # layer name -> the refit variant its validation chose
 DEPTHWISE = ("nd", "dwd", "dwd_comp", "refit")
 DATA_DRIVEN_DEPTHWISE = ("dwd", "dwd_comp", "refit")
 
@@ -89,7 +90,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def fit_layer(layer, fit_stats, rank):
+def fit_layer(layer, train_stats, val_stats, rank):
     """Every method on one layer.
 
     Returns ({method: (rebuilt weight float64, bias)}, {method: seconds},
@@ -97,6 +98,7 @@ def fit_layer(layer, fit_stats, rank):
     A fit that raises is recorded, not hidden: its error is None in the results.
     """
     w = layer.weight
+    fit_stats = train_stats.merge(val_stats)  # every method but refit fits on all fit images
 
     def nd():
         dec = network_decoupling(w, rank, layer.group)
@@ -115,7 +117,12 @@ def fit_layer(layer, fit_stats, rank):
         return rebuilt.reshape(w.shape), ch.bias
 
     jobs = {"nd": nd, "dwd": lambda: data_fit(dwd), "dwd_comp": lambda: data_fit(dwd_comp),
-            "refit": lambda: data_fit(refit)}
+            "refit": lambda: refit_fit()}
+
+    def refit_fit():  # as the product runs it: variant chosen on every 4th fit image, then refitted on all
+        dec = refit(w, train_stats, rank, validation=val_stats)
+        variants[layer.name] = dec.detail
+        return reconstruct_weight(dec).astype(np.float64), dec.bias
     if layer.group == 1:
         jobs["channel"] = chan
     results, seconds, failures = {}, {}, {}
@@ -242,10 +249,10 @@ def run(args, argv):
 
     capture = Capture(prepared, None, [CaptureSpec.of(l) for l in candidates], args.positions_per_image,
                       args.seed, what=str(args.model))
-    fit_stats, held_stats = capture.new_stats(), capture.new_stats()
+    train_stats, val_stats, held_stats = capture.new_stats(), capture.new_stats(), capture.new_stats()
     t0 = time.perf_counter()
     for feed in calibration.fit.batches():
-        capture.add(feed, fit_stats)
+        capture.add(feed, train_stats, val_stats)
     t_fit_capture = time.perf_counter() - t0
     t0 = time.perf_counter()
     for feed in calibration.holdout.batches():
@@ -255,8 +262,9 @@ def run(args, argv):
 
     rows = []
     for layer in candidates:
-        fs, hs = fit_stats[layer.name], held_stats[layer.name]
-        results, seconds, c_prime, failures = fit_layer(layer, fs, args.rank)
+        fs, hs = train_stats[layer.name].merge(val_stats[layer.name]), held_stats[layer.name]
+        results, seconds, c_prime, failures = fit_layer(layer, train_stats[layer.name], val_stats[layer.name],
+                                                        args.rank)
         errors = {m: relative_error(hs, *results[m]) for m in results}
         fit_errors = {m: relative_error(fs, *results[m]) for m in results}
         w64 = layer.weight.astype(np.float64)
@@ -273,6 +281,7 @@ def run(args, argv):
             "output_hw": None,  # filled by _fill_output_hw
             "patch_size": int(fs.sxx.shape[1]),
             "fit_positions": int(fs.count),
+            "refit_variant": variants.get(layer.name),
             "held_positions": int(hs.count),
             "channel_c_prime": c_prime,
             "errors": {m: errors.get(m) for m in METHODS},

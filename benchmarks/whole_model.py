@@ -2,8 +2,8 @@
 
     python benchmarks/whole_model.py --model M.onnx --calib DIR --json OUT.json [optimize options...]
 
-Runs `onnx_dwd.optimize` once per method (nd, dwd, dwd-comp, refit, channel)
-and rank, on the same calibration folder (every 5th item held out and never
+Runs `onnx_dwd.optimize` once per method (nd, dwd, dwd-comp, refit, channel;
+`refit@VARIANT` fixes refit's variant, e.g. refit@sweeps+ls) and rank, on the same calibration folder (every 5th item held out and never
 fitted on), and collects from each report: conv MACs before/after, output
 relative error / cosine / SQNR on the held-out data, top-1 agreement with
 the original and accuracy against labels when the folder has labels.csv,
@@ -43,8 +43,11 @@ def main() -> None:
         for rank in [int(r) for r in args.ranks.split(",")]:
             for method in args.methods.split(","):
                 out, rep = Path(tmp) / "out.onnx", Path(tmp) / "report.json"
-                cmd = ["optimize", args.model, str(out), "--calib", args.calib, "--method", method,
+                name, _, variant = method.partition("@")  # refit@alg2 fixes refit's variant
+                cmd = ["optimize", args.model, str(out), "--calib", args.calib, "--method", name,
                        "--rank", str(rank), "--report", str(rep), "-q"] + extra
+                if variant:
+                    cmd += ["--refit-variant", variant]
                 started = time.perf_counter()
                 result = CliRunner().invoke(cli.main, cmd)
                 seconds = time.perf_counter() - started
@@ -59,6 +62,9 @@ def main() -> None:
                     if key in v:
                         row[key] = v[key]
                 layer_errors = [l["rel_error"] for l in report["layers"] if l.get("rel_error") is not None]
+                variants = [l["refit_variant"] for l in report["layers"] if l.get("refit_variant")]
+                if variants:
+                    row["refit_variants"] = {v: variants.count(v) for v in sorted(set(variants))}
                 row["mean_layer_rel_error"] = sum(layer_errors) / len(layer_errors) if layer_errors else None
                 rows.append(row)
                 out_err = ", ".join(f"{k} {o['rel_error']:.4f}" for k, o in v["outputs"].items())

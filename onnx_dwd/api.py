@@ -67,9 +67,9 @@ class Decomposed:
     inter_layer: bool
 
 
-def _fit_and_replace(graph, layer, entry, method, rank, graph_form, names, fit_stats, held_stats,
-                     val_stats=None):
+def _fit_and_replace(graph, layer, entry, method, config, names, fit_stats, held_stats, val_stats=None):
     """Fit one candidate, rewrite it in graph, fill its report entry."""
+    rank, graph_form = config.rank, config.graph_form
     w = layer.weight.astype(np.float64)
     out_shape = entry["output_shape"]
     if method == "channel":
@@ -86,7 +86,8 @@ def _fit_and_replace(graph, layer, entry, method, rank, graph_form, names, fit_s
         if method == "nd":
             dec = network_decoupling(layer.weight, rank, layer.group)
         elif method == "refit":
-            dec = refit(layer.weight, fit_stats, rank, validation=val_stats)
+            fixed = None if config.refit_variant == "auto" else config.refit_variant
+            dec = refit(layer.weight, fit_stats, rank, validation=val_stats, variant=fixed)
             entry["refit_variant"] = dec.detail
         else:
             dec = _DATA_FITS[method](layer.weight, fit_stats, rank)
@@ -142,8 +143,7 @@ def _decompose(original, config, shape_feed, calibration, what, progress) -> Dec
     inter_layer = config.inter_layer and method not in DATA_FREE_METHODS and calibration is not None
     if calibration is None:
         for layer in candidates:
-            _fit_and_replace(graph, layer, entries[layer.name], method, config.rank, config.graph_form, names,
-                             None, None)
+            _fit_and_replace(graph, layer, entries[layer.name], method, config, names, None, None)
     else:
         needs_fit_data = method not in DATA_FREE_METHODS
         levels = dependency_levels(graph, candidates) if inter_layer else [candidates]
@@ -154,7 +154,7 @@ def _decompose(original, config, shape_feed, calibration, what, progress) -> Dec
                               config.positions_per_image, config.seed + index, what=what)
             fit_stats = capture.new_stats() if needs_fit_data else None
             # refit picks its variant on images of the fit data it does not fit on first
-            val_stats = capture.new_stats() if method == "refit" else None
+            val_stats = capture.new_stats() if method == "refit" and config.refit_variant == "auto" else None
             held_stats = capture.new_stats()
             stage = f"level {index + 1}/{len(levels)}" if inter_layer else "capture"
             if needs_fit_data:
@@ -164,8 +164,8 @@ def _decompose(original, config, shape_feed, calibration, what, progress) -> Dec
             for feed in progress(calibration.holdout.batches(), f"{stage}: held-out data", None):
                 capture.add(feed, held_stats)
             for layer in progress(group, f"{stage}: fitting ({method})", len(group)):
-                _fit_and_replace(graph, layer, entries[layer.name], method, config.rank, config.graph_form,
-                                 names, fit_stats[layer.name] if fit_stats else None, held_stats[layer.name],
+                _fit_and_replace(graph, layer, entries[layer.name], method, config, names,
+                                 fit_stats[layer.name] if fit_stats else None, held_stats[layer.name],
                                  val_stats[layer.name] if val_stats else None)
     graph.cleanup().toposort()
     model = export_graph(graph, original)
@@ -254,6 +254,7 @@ def _optimize(input_path, output_path, config, original, specs, calib, progress,
         "tool": {"name": "onnx-dwd", "version": __version__},
         "input": str(input_path), "output": str(output_path),
         "config": {"method": result.method, "rank": config.rank, "graph_form": config.graph_form,
+                   "refit_variant": config.refit_variant if result.method == "refit" else None,
                    "inter_layer": result.inter_layer,
                    "input_shapes": {k: list(v) for k, v in config.input_shapes.items()},
                    "calib": calib.description if calib else None, "holdout": config.holdout,

@@ -15,7 +15,7 @@ import click
 from . import __version__
 from .api import _no_progress, optimize as run_optimize
 from .calib import Preprocess
-from .config import GRAPH_FORMS, METHODS, OptimizeConfig, parse_input_shape
+from .config import GRAPH_FORMS, METHODS, REFIT_VARIANT_CHOICES, OptimizeConfig, parse_input_shape
 from .errors import DwdError
 from .report import render_table
 
@@ -46,6 +46,10 @@ def optimize_options(fn):
         click.option("--inter-layer/--no-inter-layer", default=True, show_default=True,
                      help="Fit each layer on the inputs of the partly decomposed model against the original "
                           "model's outputs (paper eq. 10); data-driven methods only."),
+        click.option("--refit-variant", type=click.Choice(REFIT_VARIANT_CHOICES), default="auto",
+                     show_default=True,
+                     help="refit only: auto picks per layer, on every 4th fit image, between the paper's "
+                          "Algorithm 2 (alg2), extra sweeps, and sweeps + least-squares pointwise weights."),
         click.option("--graph-form", type=click.Choice(GRAPH_FORMS), default="auto", show_default=True,
                      help="Graph form of the depthwise stage for K > 1 (auto = fastest measured in onnxruntime)."),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",

@@ -15,6 +15,9 @@ from .errors import OptionError
 METHODS = ("refit", "dwd-comp", "dwd", "nd", "channel")
 DATA_FREE_METHODS = ("nd",)
 
+#: refit's variant: chosen per layer on validation images (auto) or fixed.
+REFIT_VARIANT_CHOICES = ("auto", "alg2", "sweeps", "sweeps+ls")
+
 #: How a rank-K (K > 1) depthwise stage is written in the graph; see rewrite.py.
 GRAPH_FORMS = ("auto", "sum", "split", "multiplier", "concat-input")
 
@@ -53,6 +56,8 @@ class OptimizeConfig:
         calibration data and nd without.
     inter_layer: fit each layer on the inputs the partly decomposed model
         produces, against the original model's outputs (paper eq. 10).
+    refit_variant: for method refit, "auto" picks per layer on every 4th fit
+        image (see fit/data.py refit); or force one of REFIT_VARIANT_CHOICES.
     graph_form: graph form of the depthwise stage for K > 1, one of GRAPH_FORMS.
     input_shapes: fixed shapes for dynamic graph inputs, used for validation
         and MAC counts; the written model keeps its dynamic dimensions.
@@ -74,6 +79,7 @@ class OptimizeConfig:
     rank: int = 1
     method: Optional[str] = None
     inter_layer: bool = True
+    refit_variant: str = "auto"
     graph_form: str = "auto"
     input_shapes: Mapping[str, Tuple[int, ...]] = dataclasses.field(default_factory=dict)
     calib: Optional[Path] = None
@@ -93,6 +99,9 @@ class OptimizeConfig:
             raise OptionError(
                 f"--method {self.method!r} is not known; choose one of {', '.join(METHODS)}"
             )
+        if self.refit_variant not in REFIT_VARIANT_CHOICES:
+            raise OptionError(f"--refit-variant {self.refit_variant!r} is not known; "
+                              f"choose one of {', '.join(REFIT_VARIANT_CHOICES)}")
         if self.graph_form not in GRAPH_FORMS:
             raise OptionError(
                 f"--graph-form {self.graph_form!r} is not known; choose one of {', '.join(GRAPH_FORMS)}"
