@@ -169,6 +169,9 @@ def _decompose(original, config, shape_feed, calibration, what, progress) -> Dec
                                  val_stats[layer.name] if val_stats else None)
     graph.cleanup().toposort()
     model = export_graph(graph, original)
+    kept = [p for p in model.metadata_props if p.key != "onnx_dwd"]  # a model optimized before
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
     model.metadata_props.add(key="onnx_dwd", value=f"version={__version__} method={method} rank={config.rank}")
     check_model(model, f"optimized {what}")
     return Decomposed(model, [entries[l.name] for l in layers], folded, method, inter_layer)
@@ -225,7 +228,8 @@ def _optimize(input_path, output_path, config, original, specs, calib, progress,
 
     if calib is not None and calib.holdout.count:
         validation_feeds, labels = calib.holdout.batches, calib.holdout.labels
-        inputs_desc = f"{calib.holdout.count} held-out of {calib.description} (fitted on {calib.fit.count})"
+        fitted = "nd fits no data" if config.resolved_method(True) in DATA_FREE_METHODS else f"fitted on {calib.fit.count}"
+        inputs_desc = f"{calib.holdout.count} held-out of {calib.description} ({fitted})"
     else:
         feeds = random_feeds(specs, config.validation_samples, config.seed)
         validation_feeds, labels = (lambda: iter(feeds)), None

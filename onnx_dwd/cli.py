@@ -46,10 +46,11 @@ def optimize_options(fn):
         click.option("--inter-layer/--no-inter-layer", default=True, show_default=True,
                      help="Fit each layer on the inputs of the partly decomposed model against the original "
                           "model's outputs (paper eq. 10); data-driven methods only."),
-        click.option("--refit-variant", type=click.Choice(REFIT_VARIANT_CHOICES), default="auto",
+        click.option("--refit-variant", type=click.Choice(REFIT_VARIANT_CHOICES), default="sweeps+ls",
                      show_default=True,
-                     help="refit only: auto picks per layer, on every 4th fit image, between the paper's "
-                          "Algorithm 2 (alg2), extra sweeps, and sweeps + least-squares pointwise weights."),
+                     help="refit only: sweeps+ls runs every step (the paper's Algorithm 2, extra sweeps, "
+                          "least-squares pointwise weights); alg2 / sweeps stop earlier; auto picks per layer "
+                          "on every 4th fit image (less prone to overfit tiny calibration sets)."),
         click.option("--graph-form", type=click.Choice(GRAPH_FORMS), default="auto", show_default=True,
                      help="Graph form of the depthwise stage for K > 1 (auto = fastest measured in onnxruntime)."),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",

@@ -56,8 +56,9 @@ class OptimizeConfig:
         calibration data and nd without.
     inter_layer: fit each layer on the inputs the partly decomposed model
         produces, against the original model's outputs (paper eq. 10).
-    refit_variant: for method refit, "auto" picks per layer on every 4th fit
-        image (see fit/data.py refit); or force one of REFIT_VARIANT_CHOICES.
+    refit_variant: for method refit: "sweeps+ls" (the default) runs every
+        step; "auto" picks per layer on every 4th fit image (see fit/data.py
+        refit); "alg2" / "sweeps" stop earlier. benchmarks/RESULTS.md compares.
     graph_form: graph form of the depthwise stage for K > 1, one of GRAPH_FORMS.
     input_shapes: fixed shapes for dynamic graph inputs, used for validation
         and MAC counts; the written model keeps its dynamic dimensions.
@@ -79,7 +80,7 @@ class OptimizeConfig:
     rank: int = 1
     method: Optional[str] = None
     inter_layer: bool = True
-    refit_variant: str = "auto"
+    refit_variant: str = "sweeps+ls"
     graph_form: str = "auto"
     input_shapes: Mapping[str, Tuple[int, ...]] = dataclasses.field(default_factory=dict)
     calib: Optional[Path] = None

@@ -130,7 +130,7 @@ def test_every_cli_option_reaches_the_config(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "run_optimize", lambda i, o, config, progress: seen.setdefault("config", config) and {})
     monkeypatch.setattr(cli, "render_table", lambda report: "")
     values = {"--rank": ("3", 3), "--method": ("dwd", "dwd"), "--graph-form": ("concat-input", "concat-input"),
-              "--no-inter-layer": (None, False), "--refit-variant": ("alg2", "alg2"), "--holdout": ("0.3", 0.3), "--max-images": ("9", 9),
+              "--no-inter-layer": (None, False), "--refit-variant": ("auto", "auto"), "--holdout": ("0.3", 0.3), "--max-images": ("9", 9),
               "--positions-per-image": ("11", 11), "--resize": ("256", 256), "--scale": ("1", 1.0),
               "--mean": ("1,2,3", (1.0, 2.0, 3.0)), "--std": ("4,5,6", (4.0, 5.0, 6.0)),
               "--channel-order": ("bgr", "bgr"), "--layout": ("nhwc", "nhwc"),
@@ -174,3 +174,15 @@ def test_bad_config_values():
         OptimizeConfig(rank=0)
     with pytest.raises(DwdError, match="--method"):
         OptimizeConfig(method="svd")
+
+
+def test_an_optimized_model_can_be_optimized_again(small_model, tmp_path):
+    once, twice = tmp_path / "once.onnx", tmp_path / "twice.onnx"
+    shapes = {"x": (1, 3, 16, 16)}
+    optimize(small_model, once, OptimizeConfig(rank=9, input_shapes=shapes))
+    report = optimize(once, twice, OptimizeConfig(rank=9, input_shapes=shapes))
+    onnx.checker.check_model(onnx.load(twice))
+    keys = [p.key for p in onnx.load(twice).metadata_props]
+    assert keys.count("onnx_dwd") == 1
+    # the depthwise and 1x1 convs have nothing left to decompose
+    assert report["model"]["decomposed"] == 0 and report["model"]["validation"]["outputs"]["y"]["rel_error"] < 1e-6
