@@ -41,11 +41,12 @@ def layer_rows(report: Dict) -> List[List[str]]:
         what = f"rank {e['rank']}" + (f" ({e['graph_form']})" if e["rank"] and e["rank"] > 1 else "") \
             if e["decomposed"] else f"kept: {e['reason']}"
         rows.append([e["name"], k, chans, str(e["group"]), _mega(e["macs_before"]), _mega(e["macs_after"]),
-                     _num(e["weight_rel_error"], "{:.3f}"), what])
+                     _num(e["weight_rel_error"], "{:.3f}"), _num(e.get("rel_error"), "{:.3f}"), what])
     return rows
 
 
-LAYER_HEADER = ["layer", "kernel", "channels", "group", "MACs before", "MACs after", "weight err", "decision"]
+LAYER_HEADER = ["layer", "kernel", "channels", "group", "MACs before", "MACs after", "weight err", "output err",
+                "decision"]
 
 
 def summary_lines(report: Dict) -> List[str]:
@@ -53,11 +54,14 @@ def summary_lines(report: Dict) -> List[str]:
     lines = [
         f"model      {report['input']} -> {report['output']}  (opset {m['opset']})",
         f"convs      {m['decomposed']} of {m['convs']} decomposed; method {report['config']['method']}, "
-        f"rank {report['config']['rank']}; folded into convs: {len(m['folded'])} nodes",
+        f"rank {report['config']['rank']}"
+        + (", inter-layer compensation" if report["config"].get("inter_layer") else "")
+        + f"; folded into convs: {len(m['folded'])} nodes",
         f"MACs       {_mega(m['macs_before'])} -> {_mega(m['macs_after'])}  ({_ratio(m['macs_before'], m['macs_after'])} fewer)"
         "  [Conv nodes, per image]",
         f"params     {_mega(m['params_before'])} -> {_mega(m['params_after'])}",
         f"validated  on {v['inputs']}",
+        "           (output err per layer: |Y - Y_hat| / |Y| on the held-out data; weight err: |W - W_hat| / |W|)",
     ]
     for name, o in v["outputs"].items():
         lines.append(f"  output {name}: rel_error {o['rel_error']:.3g}, max_abs {o['max_abs_error']:.3g}, "
