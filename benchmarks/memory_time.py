@@ -7,7 +7,8 @@
 Each measurement is a fresh subprocess that reports its own peak RSS
 (getrusage ru_maxrss) and wall time, so runs do not share memory. Measured on
 YOLOv8n (320x320) with the same images read by the same loader:
-- onnx-dwd optimize, method refit, with and without inter-layer compensation;
+- onnx-dwd optimize, method refit, with and without inter-layer compensation,
+  and with --positions-per-image sampling;
 - onnxruntime.quantization.quantize_static (MinMax, QDQ, uint8 activations),
   with CalibMaxIntermediateOutputs=16 so it streams too (by default it keeps
   every intermediate output of every image in memory).
@@ -44,8 +45,12 @@ def child(tool: str, images: Path, count: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.onnx"
         if tool.startswith("onnx-dwd"):
+            words = tool.split()
+            positions = int(words[words.index("--positions-per-image") + 1]) \
+                if "--positions-per-image" in words else None
             optimize(model, out, OptimizeConfig(method="refit", inter_layer="--no-inter-layer" not in tool,
-                                                calib=images, max_images=count, input_shapes={"images": SHAPE}))
+                                                positions_per_image=positions, calib=images, max_images=count,
+                                                input_shapes={"images": SHAPE}))
         else:
             from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
 
