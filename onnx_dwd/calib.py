@@ -56,9 +56,15 @@ def resolve_input_specs(model: onnx.ModelProto, input_shapes: Mapping[str, Tuple
         if tt.elem_type not in _NP_TYPES:
             raise DwdError(f"{model_name}: input {vi.name} has element type "
                            f"{onnx.TensorProto.DataType.Name(tt.elem_type)}, which onnx-dwd cannot feed")
+        given = input_shapes.get(vi.name)
+        if not tt.HasField("shape"):  # not even the rank is known
+            if given is None:
+                raise OptionError(f"{model_name}: input {vi.name} has no shape in the model; "
+                                  f"give one with --input-shape {vi.name}:D0,D1,...")
+            specs.append(InputSpec(vi.name, _NP_TYPES[tt.elem_type], tuple(given), False))
+            continue
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
         dynamic_batch = bool(dims) and dims[0] is None
-        given = input_shapes.get(vi.name)
         if given is not None:
             if len(given) != len(dims):
                 raise OptionError(f"--input-shape {vi.name}: {len(given)} dimensions given, "

@@ -585,3 +585,18 @@ def test_initializers_listed_as_inputs_are_not_inputs(rng):
     model = model_with_input([1, 3, 8, 8], rng)
     model.graph.input.append(onnx.helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [2, 3, 3, 3]))
     assert [s.name for s in resolve_input_specs(model, {}, "m.onnx")] == ["x"]
+
+
+def test_input_without_any_shape_needs_input_shape():
+    from onnx import TensorProto, helper
+
+    from onnx_dwd.calib import resolve_input_specs
+    from onnx_dwd.errors import DwdError
+    vi = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [vi],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph)
+    with pytest.raises(DwdError, match="no shape in the model.*--input-shape x:"):
+        resolve_input_specs(model, {}, "m.onnx")
+    (spec,) = resolve_input_specs(model, {"x": (2, 3, 4, 4)}, "m.onnx")
+    assert spec.shape == (2, 3, 4, 4)
