@@ -16,7 +16,8 @@ Methods (onnx_dwd.fit):
   nd        Network Decoupling, data-free per-channel SVD; bias = original bias
   dwd       paper Algorithm 1
   dwd_comp  paper Algorithm 2
-  refit     ours (Algorithm 2 + more sweeps + least-squares pointwise)
+  refit     ours (Algorithm 2 + more sweeps + least-squares pointwise), the default
+  refit_auto  ours with --refit-variant auto (step chosen per layer on every 4th fit image)
   channel   Zhang et al.: k x k conv to c' channels + 1x1, c' for the MACs of
             rank K (group-1 layers only)
 
@@ -60,7 +61,7 @@ from onnx_dwd.fold import fold_affine_into_convs
 from onnx_dwd.modelio import export_graph, load_model
 from onnx_dwd.select import classify_convs
 
-METHODS = ("nd", "dwd", "dwd_comp", "refit", "channel")
+METHODS = ("nd", "dwd", "dwd_comp", "refit", "refit_auto", "channel")
 variants = {}  # layer name -> the refit variant its validation chose
 DEPTHWISE = ("nd", "dwd", "dwd_comp", "refit")
 DATA_DRIVEN_DEPTHWISE = ("dwd", "dwd_comp", "refit")
@@ -117,9 +118,9 @@ def fit_layer(layer, train_stats, val_stats, rank):
         return rebuilt.reshape(w.shape), ch.bias
 
     jobs = {"nd": nd, "dwd": lambda: data_fit(dwd), "dwd_comp": lambda: data_fit(dwd_comp),
-            "refit": lambda: refit_fit()}
+            "refit": lambda: data_fit(refit), "refit_auto": lambda: refit_fit()}
 
-    def refit_fit():  # as the product runs it: variant chosen on every 4th fit image, then refitted on all
+    def refit_fit():  # --refit-variant auto: variant chosen on every 4th fit image, then refitted on all
         dec = refit(w, train_stats, rank, validation=val_stats)
         variants[layer.name] = dec.detail
         return reconstruct_weight(dec).astype(np.float64), dec.bias
@@ -166,6 +167,12 @@ def summarize(rows):
         "refit_below_channel": sum(r["errors"]["refit"] < r["errors"]["channel"] for r in with_channel),
         "geomean_refit_over_dwd_comp": geomean(ratios),
         "refit_le_0.8_dwd_comp": sum(r["errors"]["refit"] <= 0.8 * r["errors"]["dwd_comp"] for r in both),
+        "refit_auto_lowest_depthwise": sum(
+            r["errors"]["refit_auto"] <= min(r["errors"][m] for m in ("nd", "dwd", "dwd_comp", "refit_auto"))
+            for r in both if r["errors"].get("refit_auto") is not None),
+        "geomean_refit_auto_over_dwd_comp": geomean(
+            [r["errors"]["refit_auto"] / r["errors"]["dwd_comp"] for r in both
+             if r["errors"].get("refit_auto") is not None and r["errors"]["dwd_comp"] > 0]),
         "failures": [{"layer": r["name"], "method": m, "error": msg} for r in rows for m, msg in r["failures"].items()],
         "seconds_total": {m: float(sum(r["seconds"].get(m, 0.0) for r in rows)) for m in METHODS},
     }
@@ -212,6 +219,9 @@ def print_table(rows, summary, rank):
     g = summary["geomean_refit_over_dwd_comp"]
     print(f"geomean refit/dwd_comp:                 {g:.4f}" if g is not None else "geomean refit/dwd_comp: -")
     print(f"refit <= 0.8 * dwd_comp:                {summary['refit_le_0.8_dwd_comp']}/{n}")
+    print(f"refit_auto lowest of nd/dwd/dwd_comp/refit_auto: {summary['refit_auto_lowest_depthwise']}/{n}")
+    g = summary["geomean_refit_auto_over_dwd_comp"]
+    print(f"geomean refit_auto/dwd_comp:            {g:.4f}" if g is not None else "")
     for f in summary["failures"]:
         print(f"FAILED: {f['layer']} {f['method']}: {f['error']}")
     print("fit seconds (all layers):               "
