@@ -14,8 +14,8 @@ import onnx_graphsurgeon as gs
 from threadpoolctl import threadpool_limits
 
 from . import __version__
-from .calib import (IMAGE_SUFFIXES, Calibration, DiskCache, array_calibration, feed_calibration, image_calibration, random_feeds,
-                    resolve_input_specs)
+from .calib import (IMAGE_SUFFIXES, Calibration, DiskCache, array_calibration, feed_calibration,
+                    image_calibration, random_feeds, resolve_input_specs)
 from .capture import Capture, CaptureSpec, dependency_levels, tensor_shapes
 from .config import DATA_FREE_METHODS, OptimizeConfig
 from .cost import channel_macs, channels_for_rank, conv_macs, count_params, decomposed_macs
@@ -189,10 +189,10 @@ def load_calibration(config: OptimizeConfig, specs, calibration=None) -> Optiona
     if path.is_file():
         if path.suffix not in (".npy", ".npz"):
             raise OptionError(f"--calib {path}: expected a folder of images, or .npy/.npz files")
-        return array_calibration(path, specs, config.holdout)
+        return array_calibration(path, specs, config.holdout, limit=config.max_images)
     suffixes = {p.suffix.lower() for p in path.rglob("*") if p.is_file()}
     if suffixes & {".npy", ".npz"} and not suffixes & set(IMAGE_SUFFIXES):
-        return array_calibration(path, specs, config.holdout)
+        return array_calibration(path, specs, config.holdout, limit=config.max_images)
     return image_calibration(path, specs, config.preprocess, config.holdout, limit=config.max_images)
 
 

@@ -279,12 +279,14 @@ def image_calibration(folder: Path, specs: Sequence[InputSpec], pre: Preprocess,
     return Calibration(part(fit), part(held), f"{len(files)} images from {folder}")
 
 
-def array_calibration(path: Path, specs: Sequence[InputSpec], holdout: float) -> Calibration:
+def array_calibration(path: Path, specs: Sequence[InputSpec], holdout: float,
+                      limit: Optional[int] = None) -> Calibration:
     """.npy (single-input models) or .npz (arrays keyed by input name) files: a file, or a folder of them.
 
-    Each array holds a batch; every file is one feed. Files are read lazily.
+    Each array holds a batch; every file is one feed (limit: the first files only). Files are read lazily.
     """
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in (".npy", ".npz"))
+    files = files[:limit]
     if not files:
         raise OptionError(f"--calib {path}: no .npy/.npz files found")
     names = [s.name for s in specs]

@@ -61,7 +61,7 @@ def optimize_options(fn):
                           "columns file,label optional), or .npy/.npz input tensors (a file or a folder)."),
         click.option("--holdout", type=float, default=0.2, show_default=True,
                      help="Fraction of the calibration data held out (never fitted on) for validation."),
-        click.option("--max-images", type=int, default=None, help="Use at most this many calibration images."),
+        click.option("--max-images", type=int, default=None, help="Use at most this many calibration images (or array files)."),
         click.option("--positions-per-image", type=int, default=None,
                      help="Sample this many output positions per image for the statistics (default: all)."),
         click.option("--resize", type=int, default=None,

@@ -600,3 +600,14 @@ def test_input_without_any_shape_needs_input_shape():
         resolve_input_specs(model, {}, "m.onnx")
     (spec,) = resolve_input_specs(model, {"x": (2, 3, 4, 4)}, "m.onnx")
     assert spec.shape == (2, 3, 4, 4)
+
+
+def test_max_images_limits_array_files_too(tmp_path, rng):
+    from onnx_dwd import OptimizeConfig
+    from onnx_dwd.api import load_calibration
+    from onnx_dwd.calib import InputSpec
+    spec = InputSpec("x", np.float32, (1, 3, 4, 4), True)
+    for i in range(7):
+        np.save(tmp_path / f"{i}.npy", rng.standard_normal((2, 3, 4, 4)).astype(np.float32))
+    calib = load_calibration(OptimizeConfig(calib=tmp_path, max_images=5, holdout=0.2), [spec])
+    assert calib.fit.count + calib.holdout.count == 5
