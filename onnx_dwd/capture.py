@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .fit.stats import LayerStats, conv_pads, im2col
+from .fit.stats import LayerStats, conv_pads, im2col, sampled_patches
 from .runtimes import make_session, run_batches
 from .select import ConvLayer
 
@@ -66,9 +66,11 @@ class CaptureSpec:
                    tuple(a["pads"]) if "pads" in a else None, auto_pad, layer.group,
                    layer.in_channels, layer.out_channels)
 
-    def patches(self, x: np.ndarray) -> np.ndarray:
-        """x [B, c, H, W] -> patches [B, H'*W', c*kh*kw]."""
+    def patches(self, x: np.ndarray, positions: Optional[np.ndarray] = None) -> np.ndarray:
+        """x [B, c, H, W] -> patches [B, H'*W', c*kh*kw], or [B, P, ...] at positions [B, P] only."""
         pads = conv_pads(x.shape[2:], self.kernel, self.strides, self.dilations, self.pads, self.auto_pad)
+        if positions is not None:
+            return sampled_patches(x, positions, self.kernel, self.strides, self.dilations, pads)
         p = im2col(x, self.kernel, self.strides, self.dilations, pads)
         return p.reshape(p.shape[0], -1, p.shape[-1])
 
@@ -183,7 +185,9 @@ class Capture:
             to_val = index % period == period - 1
             routes = [(stats, np.flatnonzero(~to_val)), (validation, np.flatnonzero(to_val))]
         for target, rows in routes:
-            if len(rows):
+            if len(rows) == batch:  # one route takes everything: no copies
+                self._accumulate(values, feed, target)
+            elif len(rows):
                 self._accumulate({k: v[rows] for k, v in values.items()},
                                  {k: v[rows] for k, v in feed.items()}, target)
 
@@ -194,12 +198,17 @@ class Capture:
             per_image = int(np.prod(y.shape[2:]))
             d = x.shape[1] * spec.kernel[0] * spec.kernel[1]
             step = max(1, IM2COL_BUDGET // max(per_image * d, 1))  # images per im2col, bounding memory
+            sample = bool(self.positions and self.positions < per_image)
+            if sample:  # the sampled patches are gathered directly: far less memory, more images per step
+                step = max(1, IM2COL_BUDGET // max(self.positions * d, 1))
             for b in range(0, x.shape[0], step):
-                patches = spec.patches(x[b:b + step])  # [B, P, d]
-                outs = y[b:b + step].reshape(len(patches), y.shape[1], -1).transpose(0, 2, 1)  # [B, P, n]
-                if self.positions and self.positions < per_image:
+                xs = x[b:b + step]
+                outs = y[b:b + step].reshape(len(xs), y.shape[1], -1).transpose(0, 2, 1)  # [B, H'W', n]
+                if sample:
                     pick = np.stack([self.rng.choice(per_image, self.positions, replace=False)
-                                     for _ in range(len(patches))])
-                    patches = np.take_along_axis(patches, pick[:, :, None], axis=1)
+                                     for _ in range(len(xs))])
+                    patches = spec.patches(xs, pick)
                     outs = np.take_along_axis(outs, pick[:, :, None], axis=1)
+                else:
+                    patches = spec.patches(xs)  # [B, H'W', d]
                 stats[spec.name].add(patches.reshape(-1, d), outs.reshape(-1, y.shape[1]))

@@ -42,17 +42,35 @@ def conv_pads(in_hw: Sequence[int], kernel, strides, dilations, pads=None, auto_
     return tuple(int(p) for p in pads)
 
 
-def im2col(x: np.ndarray, kernel, strides=(1, 1), dilations=(1, 1), pads=(0, 0, 0, 0)) -> np.ndarray:
-    """Patches of x [B, c, H, W] -> [B, H', W', c*kh*kw] (channel-major, like W[o].ravel())."""
+def _windows(x, kernel, strides, dilations, pads) -> np.ndarray:
+    """A view [B, c, H', W', kh, kw] of the conv's receptive fields (no copy but the padding)."""
     kh, kw = kernel
     sh, sw = strides
     dh, dw = dilations
     t, l, b, r = pads
     xp = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)))
     windows = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
-    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]  # [B, c, H', W', kh, kw]
+    return windows[:, :, ::sh, ::sw, ::dh, ::dw]
+
+
+def im2col(x: np.ndarray, kernel, strides=(1, 1), dilations=(1, 1), pads=(0, 0, 0, 0)) -> np.ndarray:
+    """Patches of x [B, c, H, W] -> [B, H', W', c*kh*kw] (channel-major, like W[o].ravel())."""
+    windows = _windows(x, kernel, strides, dilations, pads)
     bsz, c, ho, wo = windows.shape[:4]
-    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(bsz, ho, wo, c * kh * kw)
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(bsz, ho, wo, c * kernel[0] * kernel[1])
+
+
+def sampled_patches(x: np.ndarray, positions: np.ndarray, kernel, strides=(1, 1), dilations=(1, 1),
+                    pads=(0, 0, 0, 0)) -> np.ndarray:
+    """Patches at chosen output positions only: positions [B, P] (flat indices into H'*W') -> [B, P, c*kh*kw].
+
+    Gathers from the window view, so only the sampled patches are copied.
+    """
+    windows = _windows(x, kernel, strides, dilations, pads)
+    bsz, c, ho, wo = windows.shape[:4]
+    rows, cols = np.divmod(positions, wo)
+    picked = windows[np.arange(bsz)[:, None], :, rows, cols]  # [B, P, c, kh, kw]
+    return picked.reshape(bsz, positions.shape[1], c * kernel[0] * kernel[1])
 
 
 @dataclasses.dataclass
