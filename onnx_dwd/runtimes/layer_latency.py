@@ -1,0 +1,147 @@
+"""Latency of one conv layer, original or decomposed, measured as a single-layer model.
+
+The selection of rank per layer needs, for each candidate layer, the time of
+the original conv and of each decomposed form on the target runtime at the
+layer's real input shape. Each is timed as a model holding just that layer
+(random weights: the time does not depend on their values), and results are
+cached on disk by (runtime, level, threads, layer geometry, form), so a
+layer shape seen once is never timed again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper, numpy_helper
+
+from ..fit import network_decoupling
+from ..rewrite import replace_conv
+from ..select import classify_convs
+from .ort import make_session
+
+#: Timing of one layer: warm-up calls, then the median over this many blocks.
+WARMUP_CALLS = 3
+BLOCKS = 7
+BLOCK_SECONDS = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """Everything about a conv that its run time depends on (batch 1)."""
+
+    in_channels: int
+    out_channels: int
+    kernel: Tuple[int, int]
+    strides: Tuple[int, int]
+    pads: Tuple[int, int, int, int]
+    dilations: Tuple[int, int]
+    group: int
+    height: int
+    width: int
+
+    def key(self) -> str:
+        return (f"c{self.in_channels}-n{self.out_channels}-k{self.kernel[0]}x{self.kernel[1]}"
+                f"-s{self.strides[0]}x{self.strides[1]}-p{'_'.join(map(str, self.pads))}"
+                f"-d{self.dilations[0]}x{self.dilations[1]}-g{self.group}-{self.height}x{self.width}")
+
+
+def single_conv_model(geo: ConvGeometry, seed: int = 0) -> onnx.ModelProto:
+    """A model holding one Conv of the given geometry, with random weights and a bias."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((geo.out_channels, geo.in_channels // geo.group) + tuple(geo.kernel)).astype(np.float32)
+    b = rng.standard_normal(geo.out_channels).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="layer", kernel_shape=list(geo.kernel),
+                            strides=list(geo.strides), pads=list(geo.pads), dilations=list(geo.dilations),
+                            group=geo.group)
+    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, geo.in_channels, geo.height, geo.width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def decomposed_conv_model(geo: ConvGeometry, rank: int, graph_form: str) -> onnx.ModelProto:
+    """The single-conv model rewritten by the same code path as optimize (rank K, graph form)."""
+    model = single_conv_model(geo)
+    graph = gs.import_onnx(model)
+    (layer,) = classify_convs(graph)
+    if not layer.is_candidate:
+        raise ValueError(f"{geo.key()}: not a decomposable conv ({layer.reason})")
+    replace_conv(graph, layer, network_decoupling(layer.weight, rank, layer.group), graph_form)
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    return out
+
+
+def time_model(model: onnx.ModelProto, threads: int, level: str) -> float:
+    """Median ms per call of model over BLOCKS blocks after a warm-up."""
+    session = make_session(model, threads=threads, level=level, what="layer model")
+    inp = session.get_inputs()[0]
+    feed = {inp.name: np.random.default_rng(0).standard_normal(inp.shape).astype(np.float32)}
+    for _ in range(WARMUP_CALLS):
+        session.run(None, feed)
+    started = time.perf_counter()
+    session.run(None, feed)
+    calls = max(1, int(BLOCK_SECONDS / max(time.perf_counter() - started, 1e-6)))
+    blocks = []
+    for _ in range(BLOCKS):
+        started = time.perf_counter()
+        for _ in range(calls):
+            session.run(None, feed)
+        blocks.append((time.perf_counter() - started) / calls * 1e3)
+    return float(np.median(blocks))
+
+
+def default_cache_path() -> Path:
+    root = os.environ.get("ONNX_DWD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "onnx-dwd")
+    return Path(root) / "layer_latency.json"
+
+
+class LatencyCache:
+    """Measured layer times in a JSON file; keys name runtime, level, threads, geometry and form."""
+
+    def __init__(self, path: Optional[Path] = None):
+        self.path = Path(path) if path is not None else default_cache_path()
+        self._data: Dict[str, float] = {}
+        if self.path.is_file():
+            try:
+                self._data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._data = {}  # a damaged cache is only a cache: measure again
+
+    @staticmethod
+    def key(geo: ConvGeometry, form: str, threads: int, level: str, runtime: str = "ort") -> str:
+        return f"{runtime}|{level}|t{threads}|{geo.key()}|{form}"
+
+    def get(self, key: str) -> Optional[float]:
+        return self._data.get(key)
+
+    def put(self, key: str, ms: float) -> None:
+        self._data[key] = ms
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self._data, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def layer_latency(geo: ConvGeometry, form: str = "original", *, rank: int = 1, threads: int = 1,
+                  level: str = "all", cache: Optional[LatencyCache] = None) -> float:
+    """ms per call of the layer: form "original", or a graph form of rank K (see rewrite.py)."""
+    name = "original" if form == "original" else f"{form}@{rank}"
+    key = LatencyCache.key(geo, name, threads, level)
+    if cache is not None and cache.get(key) is not None:
+        return cache.get(key)
+    model = single_conv_model(geo) if form == "original" else decomposed_conv_model(geo, rank, form)
+    ms = time_model(model, threads, level)
+    if cache is not None:
+        cache.put(key, ms)
+    return ms
