@@ -2,8 +2,9 @@
 
 Pure functions on tables: per layer, the time of the original conv and, per
 option (rank K in some graph form), its time and its error. A multiple-choice
-knapsack, solved exactly (up to a 1/BINS rounding of the budget, always on
-the safe side) by dynamic programming over the layers. Options that are not
+knapsack, solved by dynamic programming over the layers on a budget split
+into BINS steps (exact up to that discretisation; a returned plan that meets
+its budget is checked on the true totals). Options that are not
 faster than keeping the layer are never chosen, nor options that another
 option of the same layer beats on both time and error.
 
