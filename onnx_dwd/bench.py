@@ -20,17 +20,11 @@ from .calib import random_feeds, resolve_input_specs
 from .errors import OptionError
 from .modelio import load_model
 from .runtimes import make_session
+from .runtimes.ort import calls_per_block
 from .validate import agreement
 
 #: Target length of one timed block (each model runs this long per block).
 BLOCK_SECONDS = 0.05
-
-
-def _calls_per_block(run, seconds: float) -> int:
-    started = time.perf_counter()
-    run()
-    once = max(time.perf_counter() - started, 1e-6)
-    return max(1, int(seconds / once))
 
 
 def _quartiles(values: Sequence[float]) -> Tuple[float, float, float]:
@@ -62,7 +56,7 @@ def bench(before: os.PathLike, after: os.PathLike, *, threads: Sequence[int] = (
         for _ in range(warmup):
             for run in runs.values():
                 run()
-        calls = {k: _calls_per_block(run, BLOCK_SECONDS) for k, run in runs.items()}
+        calls = {k: calls_per_block(run, BLOCK_SECONDS) for k, run in runs.items()}
         times: Dict[str, List[float]] = {"before": [], "after": []}
         for block in range(blocks + 1):
             order = ("before", "after") if block % 2 == 0 else ("after", "before")

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..fit import network_decoupling
 from ..rewrite import replace_conv
 from ..select import classify_convs
-from .ort import make_session
+from .ort import calls_per_block, make_session
 
 #: Timing of one layer: warm-up calls, then the median over this many blocks.
 WARMUP_CALLS = 3
@@ -89,9 +89,7 @@ def time_model(model: onnx.ModelProto, threads: int, level: str) -> float:
     feed = {inp.name: np.random.default_rng(0).standard_normal(inp.shape).astype(np.float32)}
     for _ in range(WARMUP_CALLS):
         session.run(None, feed)
-    started = time.perf_counter()
-    session.run(None, feed)
-    calls = max(1, int(BLOCK_SECONDS / max(time.perf_counter() - started, 1e-6)))
+    calls = calls_per_block(lambda: session.run(None, feed), BLOCK_SECONDS)
     blocks = []
     for _ in range(BLOCKS):
         started = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -51,3 +52,10 @@ def run_batches(session: ort.InferenceSession, feeds: Iterable[Dict[str, np.ndar
         except Exception as exc:
             raise ModelError(f"{what}: onnxruntime failed to run it: {str(exc).strip().splitlines()[0]}") from None
     return results
+
+
+def calls_per_block(run, seconds: float) -> int:
+    """How many calls of run() fill a timing block of about `seconds` (at least 1)."""
+    started = time.perf_counter()
+    run()
+    return max(1, int(seconds / max(time.perf_counter() - started, 1e-6)))
