@@ -22,7 +22,7 @@ from .cost import channel_macs, channels_for_rank, conv_macs, count_params, deco
 from .errors import DwdError, OptionError
 from .fit import network_decoupling, reconstruct_weight
 from .fit.data import channel, dwd, dwd_comp, refit
-from .fit.stats import LayerStats, relative_error
+from .fit.stats import relative_error
 from .fold import fold_affine_into_convs
 from .modelio import (check_model, check_writable, default_opset, export_graph, load_model, refuse_to_overwrite,
                       staged_model, write_text_atomic)

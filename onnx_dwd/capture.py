@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .modelio import export_graph
 from .fit.stats import LayerStats, conv_pads, im2col, sampled_patches
 from .runtimes import make_session, run_batches
 from .select import ConvLayer
@@ -126,11 +127,7 @@ def truncated(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     tensors = graph.tensors()
     graph.outputs = [tensors[n] for n in dict.fromkeys(names)]
     graph.cleanup(remove_unused_graph_inputs=False)
-    out = gs.export_onnx(graph, do_type_check=False)
-    out.ir_version = model.ir_version
-    del out.opset_import[:]
-    out.opset_import.extend(model.opset_import)
-    return out
+    return export_graph(graph, model, do_type_check=False)
 
 
 #: Elements of one im2col patch matrix (float32: 4 bytes each).

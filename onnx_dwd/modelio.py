@@ -125,11 +125,14 @@ def write_text_atomic(path: os.PathLike, text: str) -> None:
         raise
 
 
-def export_graph(graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx-graphsurgeon graph -> model with like's IR version, opsets and metadata."""
+def export_graph(graph, like: onnx.ModelProto, do_type_check: bool = True) -> onnx.ModelProto:
+    """onnx-graphsurgeon graph -> model with like's IR version, opsets and metadata.
+
+    do_type_check=False lets intermediate tensors of unknown type be outputs
+    (in-memory capture models, which onnx.checker never sees)."""
     import onnx_graphsurgeon as gs
 
-    model = gs.export_onnx(graph)
+    model = gs.export_onnx(graph, do_type_check=do_type_check)
     model.ir_version = like.ir_version
     if like.ir_version < 4:  # IR 3 requires every initializer to be a graph input too
         listed = {i.name for i in model.graph.input}

@@ -25,7 +25,7 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> Dict[str, float]:
     }
 
 
-def classifier_output(names: Sequence[str], outputs: List[np.ndarray]) -> Optional[int]:
+def classifier_output(outputs: List[np.ndarray]) -> Optional[int]:
     """Index of the first output shaped [N, classes] (classes > 1), if any."""
     for i, arr in enumerate(outputs):
         if arr.ndim == 2 and arr.shape[1] > 1:
@@ -44,7 +44,7 @@ def compare_runs(names: Sequence[str], reference: List[List[np.ndarray]], candid
     joined_cand = [np.concatenate([c[i].reshape(-1) for c in candidate]) for i in range(len(names))]
     result: Dict = {"samples": int(sum(r[0].shape[0] if r[0].ndim else 1 for r in reference)),
                     "outputs": {n: agreement(a, b) for n, a, b in zip(names, joined_ref, joined_cand)}}
-    cls = classifier_output(names, reference[0])
+    cls = classifier_output(reference[0])
     if cls is not None:
         ref_top1 = np.concatenate([r[cls].argmax(axis=1) for r in reference])
         cand_top1 = np.concatenate([c[cls].argmax(axis=1) for c in candidate])

@@ -42,7 +42,7 @@ def digest(path):
 def test_optimize_writes_a_valid_model_and_a_complete_report(small_model, tmp_path):
     out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
     before = digest(small_model)
-    report = optimize(small_model, out, OptimizeConfig(rank=9, input_shapes={"x": (2, 3, 16, 16)},
+    optimize(small_model, out, OptimizeConfig(rank=9, input_shapes={"x": (2, 3, 16, 16)},
                                                        report_json=report_path))
     assert digest(small_model) == before
     onnx.checker.check_model(onnx.load(out))

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from onnx_dwd.fit import Decomposition, max_rank, network_decoupling, reconstruct_weight
+from onnx_dwd.fit import max_rank, network_decoupling, reconstruct_weight
 from onnx_dwd.fit.common import assemble
 
 SHAPES = [  # (n, c, kh, kw, group)

@@ -131,7 +131,7 @@ def _groups(weight: np.ndarray, stats: LayerStats):
         yield _Group(w[k], mx, my, cxx, cyx)
 
 
-def _finish(weight, groups_pd, stats, rank) -> Decomposition:
+def _finish(weight, groups_pd, stats) -> Decomposition:
     """Per-group (P [c_g, n_g, K], D [c_g, K, k2]) -> Decomposition with the mean-absorbing bias."""
     p_blocks = np.stack([p for p, _ in groups_pd])
     d_blocks = np.stack([d for _, d in groups_pd])
@@ -166,7 +166,7 @@ def dwd(weight: np.ndarray, stats: LayerStats, rank: int) -> Decomposition:
             ps.append(u)
             ds.append(u.T @ wi)
         out.append((np.stack(ps), np.stack(ds)))
-    return _finish(weight, out, stats, k)
+    return _finish(weight, out, stats)
 
 
 def _sweep(grp: _Group, m: np.ndarray, p: np.ndarray, d: np.ndarray, k: int) -> None:
@@ -197,7 +197,7 @@ def dwd_comp(weight: np.ndarray, stats: LayerStats, rank: int) -> Decomposition:
         d = np.zeros((m.shape[1], k, grp.k2))
         _sweep(grp, m, p, d, k)
         out.append((p, d))
-    return _finish(weight, out, stats, k)
+    return _finish(weight, out, stats)
 
 
 #: refit's variants, from the paper's algorithm to the full joint solve:
@@ -222,7 +222,7 @@ def _refit_variant(weight: np.ndarray, stats: LayerStats, k: int, sweeps: int, l
             pw = (grp.cyx @ dbd.T) @ linv.T @ linv  # P = C_yz C_zz^-1
             p = pw.reshape(m.shape[0], cg, k).transpose(1, 0, 2)
         out.append((p, d))
-    return _finish(weight, out, stats, k)
+    return _finish(weight, out, stats)
 
 
 def refit(weight: np.ndarray, stats: LayerStats, rank: int, validation: Optional[LayerStats] = None,

@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
 from ..fit import network_decoupling
+from ..modelio import export_graph
 from ..rewrite import replace_conv
 from ..select import classify_convs
 from .ort import calls_per_block, make_session
@@ -77,9 +78,7 @@ def decomposed_conv_model(geo: ConvGeometry, rank: int, graph_form: str) -> onnx
         raise ValueError(f"{geo.key()}: not a decomposable conv ({layer.reason})")
     replace_conv(graph, layer, network_decoupling(layer.weight, rank, layer.group), graph_form)
     graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
-    out.ir_version = model.ir_version
-    return out
+    return export_graph(graph, model)
 
 
 def time_model(model: onnx.ModelProto, threads: int, level: str) -> float:
