@@ -21,7 +21,7 @@ def test_decomposed_layer_model_is_the_optimize_rewrite(form):
 
 def test_cache_measures_each_key_once_and_persists(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(ll, "time_model", lambda model, threads, level: calls.append(threads) or 1.5)
+    monkeypatch.setattr(ll, "time_model", lambda model, runner, threads: calls.append(threads) or 1.5)
     cache = ll.LatencyCache(tmp_path / "lat.json")
     assert ll.layer_latency(GEO, cache=cache) == 1.5
     assert ll.layer_latency(GEO, cache=cache) == 1.5

@@ -26,7 +26,8 @@ from ..fit import network_decoupling
 from ..modelio import export_graph
 from ..rewrite import replace_conv
 from ..select import classify_convs
-from .ort import calls_per_block, make_session
+from .base import OrtRunner, Runner
+from .ort import calls_per_block
 
 #: Timing of one layer: warm-up calls, then the median over this many blocks.
 WARMUP_CALLS = 3
@@ -81,19 +82,20 @@ def decomposed_conv_model(geo: ConvGeometry, rank: int, graph_form: str) -> onnx
     return export_graph(graph, model)
 
 
-def time_model(model: onnx.ModelProto, threads: int, level: str) -> float:
-    """Median ms per call of model over BLOCKS blocks after a warm-up."""
-    session = make_session(model, threads=threads, level=level, what="layer model")
-    inp = session.get_inputs()[0]
-    feed = {inp.name: np.random.default_rng(0).standard_normal(inp.shape).astype(np.float32)}
+def time_model(model: onnx.ModelProto, runner: Runner, threads: int) -> float:
+    """Median ms per call of the single-input model on runner over BLOCKS blocks after a warm-up."""
+    loaded = runner.load(model, threads, what="layer model")
+    (inp,) = model.graph.input
+    shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    feed = {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
     for _ in range(WARMUP_CALLS):
-        session.run(None, feed)
-    calls = calls_per_block(lambda: session.run(None, feed), BLOCK_SECONDS)
+        loaded.run(feed)
+    calls = calls_per_block(lambda: loaded.run(feed), BLOCK_SECONDS)
     blocks = []
     for _ in range(BLOCKS):
         started = time.perf_counter()
         for _ in range(calls):
-            session.run(None, feed)
+            loaded.run(feed)
         blocks.append((time.perf_counter() - started) / calls * 1e3)
     return float(np.median(blocks))
 
@@ -116,8 +118,8 @@ class LatencyCache:
                 self._data = {}  # a damaged cache is only a cache: measure again
 
     @staticmethod
-    def key(geo: ConvGeometry, form: str, threads: int, level: str, runtime: str = "ort") -> str:
-        return f"{runtime}|{level}|t{threads}|{geo.key()}|{form}"
+    def key(geo: ConvGeometry, form: str, threads: int, runner: Runner) -> str:
+        return f"{runner.cache_key()}|t{threads}|{geo.key()}|{form}"
 
     def get(self, key: str) -> Optional[float]:
         return self._data.get(key)
@@ -131,14 +133,16 @@ class LatencyCache:
 
 
 def layer_latency(geo: ConvGeometry, form: str = "original", *, rank: int = 1, threads: int = 1,
-                  level: str = "all", cache: Optional[LatencyCache] = None) -> float:
-    """ms per call of the layer: form "original", or a graph form of rank K (see rewrite.py)."""
+                  runner: Optional[Runner] = None, cache: Optional[LatencyCache] = None) -> float:
+    """ms per call of the layer: form "original", or a graph form of rank K (see rewrite.py),
+    on runner (default onnxruntime at level ALL)."""
+    runner = runner or OrtRunner()
     name = "original" if form == "original" else f"{form}@{rank}"
-    key = LatencyCache.key(geo, name, threads, level)
+    key = LatencyCache.key(geo, name, threads, runner)
     if cache is not None and cache.get(key) is not None:
         return cache.get(key)
     model = single_conv_model(geo) if form == "original" else decomposed_conv_model(geo, rank, form)
-    ms = time_model(model, threads, level)
+    ms = time_model(model, runner, threads)
     if cache is not None:
         cache.put(key, ms)
     return ms
