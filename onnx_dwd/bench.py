@@ -1,29 +1,38 @@
-"""Whole-model latency of two models, measured side by side: `onnx-dwd bench`.
+"""Whole-model latency and numerics of two models on each runtime: `onnx-dwd bench`.
 
-On a shared machine only ratios measured together hold, so the two models run
-in interleaved blocks (order alternating), each block long enough to time
-reliably, after a warm-up; the first block is discarded. Reported per thread
-count: median ms per inference of each model with the interquartile range over
-blocks, and the speed-up as the median of the per-block ratios.
+For every runtime asked for (runtimes/base.py: ort, litert, ncnn, mnn,
+openvino) both models are converted and loaded at each thread count, their
+outputs are checked against onnxruntime's on the same input (the model's
+function must survive the conversion: max abs and relative error, within
+MATCH_REL_TOL), and then they are timed. On a shared machine only ratios
+measured together hold, so the two models run in interleaved blocks (order
+alternating), each block long enough to time reliably, after a warm-up; the
+first block is discarded. Reported per runtime and thread count: median ms per
+inference of each model with the interquartile range over blocks, and the
+speed-up as the median of the per-block ratios.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .calib import random_feeds, resolve_input_specs
-from .errors import OptionError
+from .errors import DwdError, OptionError
 from .modelio import load_model
-from .runtimes import make_session
+from .runtimes.base import Runner, get_runner, reference_outputs, with_static_inputs
 from .runtimes.ort import calls_per_block
 from .validate import agreement
 
 #: Target length of one timed block (each model runs this long per block).
 BLOCK_SECONDS = 0.05
+
+#: A runtime's outputs match onnxruntime's when every output's relative error
+#: |a - b| / |a| is within this.
+MATCH_REL_TOL = 1e-3
 
 
 def _quartiles(values: Sequence[float]) -> Tuple[float, float, float]:
@@ -31,63 +40,127 @@ def _quartiles(values: Sequence[float]) -> Tuple[float, float, float]:
     return float(q1), float(q2), float(q3)
 
 
-def bench(before: os.PathLike, after: os.PathLike, *, threads: Sequence[int] = (1,), level: str = "all",
+def interleaved_ms(runs: Mapping[str, Callable[[], object]], blocks: int, warmup: int,
+                   block_seconds: float = BLOCK_SECONDS) -> Tuple[Dict[str, List[float]], Dict[str, int]]:
+    """ms per call of each run in each of `blocks` interleaved blocks (after `warmup` calls
+    and one discarded block), and the calls per block."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    calls = {k: calls_per_block(run, block_seconds) for k, run in runs.items()}
+    names = list(runs)
+    times: Dict[str, List[float]] = {k: [] for k in names}
+    for block in range(blocks + 1):
+        for k in (names if block % 2 == 0 else names[::-1]):
+            started = time.perf_counter()
+            for _ in range(calls[k]):
+                runs[k]()
+            if block:  # the first block is warm-up too
+                times[k].append((time.perf_counter() - started) / calls[k] * 1e3)
+    return times, calls
+
+
+def _match(reference: List[np.ndarray], outputs: List[np.ndarray]) -> Dict[str, float]:
+    """Worst relative and max abs error over the outputs, vs onnxruntime's."""
+    if len(reference) != len(outputs):
+        return {"rel_error": float("inf"), "max_abs_error": float("inf")}
+    worst = {"rel_error": 0.0, "max_abs_error": 0.0}
+    for ref, out in zip(reference, outputs):
+        if ref.shape != out.shape:
+            return {"rel_error": float("inf"), "max_abs_error": float("inf")}
+        a = agreement(ref, out)
+        worst = {k: max(worst[k], a[k]) for k in worst}
+    return worst
+
+
+def bench(before: os.PathLike, after: os.PathLike, *, runtimes: Sequence[Union[str, Runner]] = ("ort",),
+          threads: Sequence[int] = (1,), level: str = "all",
           input_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None, blocks: int = 20, warmup: int = 3,
-          seed: int = 0) -> Dict:
-    """Time `before` and `after` on the same random input; returns the result dict (see module doc)."""
+          seed: int = 0, log: Optional[Callable[[str], None]] = None) -> Dict:
+    """Check and time `before` and `after` on each runtime; returns the result dict (see module doc).
+
+    runtimes: names (runtimes/base.py) or Runner objects. A runtime that is not installed raises OptionError before anything runs; a
+    model that one runtime cannot convert or run gives that runtime's rows an
+    "error" and the others go on. `level` is onnxruntime's optimisation level
+    for the "ort" rows; `log` (if given) hears what is being done.
+    """
     if blocks < 2:
         raise OptionError(f"--blocks must be at least 2, got {blocks}")
     if any(t < 1 for t in threads):
         raise OptionError(f"--threads must be positive, got {list(threads)}")
-    models = {"before": load_model(before), "after": load_model(after)}
+    log = log or (lambda message: None)
+    # names fail here, before anything runs, if a runtime is missing
+    runners = [r if isinstance(r, Runner) else get_runner(r, level) for r in runtimes]
+    paths = {"before": before, "after": after}
+    models = {k: load_model(p) for k, p in paths.items()}
     specs = resolve_input_specs(models["before"], input_shapes or {}, str(before))
     after_inputs = {i.name for i in models["after"].graph.input} - {t.name for t in models["after"].graph.initializer}
     if after_inputs != {s.name for s in specs}:
         raise OptionError(f"{after}: inputs {sorted(after_inputs)} differ from {before}'s "
                           f"{sorted(s.name for s in specs)}; bench compares two versions of one model")
+    shapes = {s.name: s.shape for s in specs}
+    static = {k: with_static_inputs(m, shapes) for k, m in models.items()}
     (feed,) = random_feeds(specs, 1, seed)
+    reference = {k: reference_outputs(m, feed, str(paths[k])) for k, m in static.items()}
     rows: List[Dict] = []
-    for n_threads in threads:
-        sessions = {k: make_session(m, threads=n_threads, level=level, what=str(p))
-                    for (k, m), p in zip(models.items(), (before, after))}
-        outputs = {k: s.run(None, feed) for k, s in sessions.items()}
-        runs = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
-        for _ in range(warmup):
-            for run in runs.values():
-                run()
-        calls = {k: calls_per_block(run, BLOCK_SECONDS) for k, run in runs.items()}
-        times: Dict[str, List[float]] = {"before": [], "after": []}
-        for block in range(blocks + 1):
-            order = ("before", "after") if block % 2 == 0 else ("after", "before")
-            for k in order:
-                started = time.perf_counter()
-                for _ in range(calls[k]):
-                    runs[k]()
-                if block:  # the first block is warm-up too
-                    times[k].append((time.perf_counter() - started) / calls[k] * 1e3)
-        ratios = [b / a for b, a in zip(times["before"], times["after"])]
-        stats = {k: _quartiles(v) for k, v in times.items()}
-        r = _quartiles(ratios)
-        max_err = max(agreement(o_b, o_a)["rel_error"] for o_b, o_a in zip(outputs["before"], outputs["after"]))
-        rows.append({"threads": n_threads, "before_ms": stats["before"][1], "after_ms": stats["after"][1],
-                     "before_iqr_ms": [stats["before"][0], stats["before"][2]],
-                     "after_iqr_ms": [stats["after"][0], stats["after"][2]],
-                     "speedup": r[1], "speedup_iqr": [r[0], r[2]], "blocks": blocks,
-                     "calls_per_block": calls, "output_rel_error": max_err})
-    return {"runtime": f"onnxruntime CPU, level {level}", "before": str(before), "after": str(after),
-            "input_shapes": {s.name: list(s.shape) for s in specs}, "rows": rows}
+    for runner in runners:
+        for n_threads in threads:
+            row: Dict = {"runtime": runner.name, "description": runner.describe(), "threads": n_threads}
+            rows.append(row)
+            try:
+                log(f"{runner.name}, {n_threads} thread(s): converting and loading both models")
+                loaded = {k: runner.load(m, n_threads, what=str(paths[k])) for k, m in static.items()}
+                outputs = {k: lm.run(feed) for k, lm in loaded.items()}
+            except DwdError as exc:
+                row["error"] = str(exc)
+                log(f"{runner.name}: {exc}")
+                continue
+            row["match"] = {k: _match(reference[k], outputs[k]) for k in loaded}
+            row["match_ok"] = all(m["rel_error"] <= MATCH_REL_TOL for m in row["match"].values())
+            log(f"{runner.name}, {n_threads} thread(s): timing")
+            times, calls = interleaved_ms({k: lm.bind(feed) for k, lm in loaded.items()}, blocks, warmup)
+            ratios = [b / a for b, a in zip(times["before"], times["after"])]
+            stats = {k: _quartiles(v) for k, v in times.items()}
+            r = _quartiles(ratios)
+            pairs = list(zip(outputs["before"], outputs["after"]))
+            row.update({
+                "before_ms": stats["before"][1], "after_ms": stats["after"][1],
+                "before_iqr_ms": [stats["before"][0], stats["before"][2]],
+                "after_iqr_ms": [stats["after"][0], stats["after"][2]],
+                "speedup": r[1], "speedup_iqr": [r[0], r[2]], "blocks": blocks, "calls_per_block": calls,
+                "output_rel_error": max((agreement(b, a)["rel_error"] for b, a in pairs if b.shape == a.shape),
+                                        default=float("nan"))})
+    return {"before": str(before), "after": str(after), "input_shapes": {k: list(v) for k, v in shapes.items()},
+            "seed": seed, "level": level, "match_rel_tol": MATCH_REL_TOL, "rows": rows,
+            "errors": [f"{r['runtime']} ({r['threads']} thread(s)): {r['error']}" for r in rows if "error" in r]}
 
 
 def render(result: Dict) -> str:
-    """The result as a table: one row per thread count."""
+    """The result as a table: one row per runtime and thread count."""
     def cell(median, iqr, unit=""):
         return f"{median:.3f}{unit} [{iqr[0]:.3f}-{iqr[1]:.3f}]"
-    header = ["threads", "before ms", "after ms", "speed-up", "output rel. error"]
-    rows = [[str(r["threads"]), cell(r["before_ms"], r["before_iqr_ms"]), cell(r["after_ms"], r["after_iqr_ms"]),
-             cell(r["speedup"], r["speedup_iqr"], "x"), f"{r['output_rel_error']:.3g}"] for r in result["rows"]]
+    header = ["runtime", "threads", "before ms", "after ms", "speed-up", "numeric match (rel. err.)",
+              "before vs after"]
+    rows = []
+    for r in result["rows"]:
+        if "error" in r:
+            rows.append([r["runtime"], str(r["threads"]), "-", "-", "-", "failed: see below", "-"])
+            continue
+        worst = max(m["rel_error"] for m in r["match"].values())
+        rows.append([r["runtime"], str(r["threads"]), cell(r["before_ms"], r["before_iqr_ms"]),
+                     cell(r["after_ms"], r["after_iqr_ms"]), cell(r["speedup"], r["speedup_iqr"], "x"),
+                     f"{'ok' if r['match_ok'] else 'NO'} {worst:.1e}", f"{r['output_rel_error']:.3g}"])
     widths = [max(len(x[i]) for x in [header] + rows) for i in range(len(header))]
-    lines = [f"{result['runtime']}; input " + ", ".join(f"{k} {v}" for k, v in result["input_shapes"].items())]
+    lines = ["input " + ", ".join(f"{k} {v}" for k, v in result["input_shapes"].items())]
     lines += ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [header] + rows]
-    lines.append(f"medians over {result['rows'][0]['blocks']} interleaved blocks after warm-up; "
-                 "[..] = interquartile range over blocks; speed-up = median of the per-block ratios")
+    described = dict.fromkeys(f"{r['runtime']}: {r['description']}" for r in result["rows"])
+    lines.append("runtimes: " + "; ".join(described))
+    timed = [r for r in result["rows"] if "error" not in r]
+    if timed:
+        lines.append(f"medians over {timed[0]['blocks']} interleaved blocks after warm-up; [..] = interquartile "
+                     "range over blocks; speed-up = median of the per-block ratios")
+    lines.append(f"numeric match: worst relative error of either model's outputs vs onnxruntime's on the same "
+                 f"input (ok within {result['match_rel_tol']:g}); before vs after: relative error of the "
+                 "optimized model's outputs on that runtime")
+    lines += [f"error: {e}" for e in result["errors"]]
     return "\n".join(lines) + "\n"

@@ -152,30 +152,43 @@ def demo(output_model, quiet, **options):
 @main.command("bench")
 @click.argument("before", type=click.Path(path_type=Path))
 @click.argument("after", type=click.Path(path_type=Path))
+@click.option("--runtime", "runtimes", default="ort", show_default=True, metavar="NAMES",
+              help="Comma-separated runtimes: ort, litert, ncnn, mnn, openvino (each but ort an optional "
+                   "install, see README).")
 @click.option("--threads", default="1", show_default=True, help="Comma-separated thread counts, e.g. 1,2.")
 @click.option("--level", type=click.Choice(["all", "extended", "basic"]), default="all", show_default=True,
-              help="onnxruntime graph optimisation level (extended is the closer stand-in for ARM runtimes).")
+              help="onnxruntime graph optimisation level for --runtime ort (extended is the closer stand-in "
+                   "for ARM runtimes).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
               help="Fix dynamic input dims (repeatable); a dynamic batch alone defaults to 1.")
 @click.option("--blocks", type=int, default=20, show_default=True, help="Interleaved timing blocks per model.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the result here.")
+@click.option("--quiet", "-q", is_flag=True, help="Do not print progress on stderr.")
 @_user_errors
-def bench_command(before, after, threads, level, input_shapes, blocks, json_path):
-    """Time BEFORE and AFTER side by side in onnxruntime: medians, spread, speed-up."""
+def bench_command(before, after, runtimes, threads, level, input_shapes, blocks, json_path, quiet):
+    """Check BEFORE and AFTER against onnxruntime on each runtime, then time them side by side.
+
+    Prints one table: runtime x threads -> before and after ms, speed-up, spread,
+    numeric match. Exits 1 if a runtime could not convert or run a model.
+    """
     from .bench import bench, render
     from .modelio import check_writable, write_text_atomic
     from .report import to_json
+    from .runtimes.base import parse_runtimes
     try:
         thread_counts = [int(t) for t in threads.split(",")]
     except ValueError:
         raise DwdError(f"--threads {threads!r}: expected comma-separated integers such as 1,2") from None
     if json_path is not None:
         check_writable(json_path, "--json")
-    result = bench(before, after, threads=thread_counts, level=level, blocks=blocks,
-                   input_shapes=dict(parse_input_shape(s) for s in input_shapes))
+    result = bench(before, after, runtimes=parse_runtimes(runtimes), threads=thread_counts, level=level,
+                   blocks=blocks, input_shapes=dict(parse_input_shape(s) for s in input_shapes),
+                   log=None if quiet else (lambda message: click.echo(message, err=True)))
     click.echo(render(result), nl=False)
     if json_path is not None:
         write_text_atomic(json_path, to_json(result))
+    if result["errors"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

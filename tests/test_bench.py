@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -11,8 +12,10 @@ from onnx_dwd import DwdError, OptimizeConfig, cli, optimize
 from onnx_dwd.bench import bench
 
 
-@pytest.fixture
-def pair(tmp_path, rng):
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A model and its full-rank optimized version (made once: optimize takes a few seconds)."""
+    tmp_path, rng = tmp_path_factory.mktemp("pair"), np.random.default_rng(0)
     before = tmp_path / "before.onnx"
     onnx.save(conv_model(rng.standard_normal((16, 8, 3, 3)), None, ["n", 8, 16, 16], attrs={"pads": [1, 1, 1, 1]}),
               before)
@@ -52,3 +55,14 @@ def test_bench_cli_writes_json_and_checks_options(pair, tmp_path):
     assert json.loads(out.read_text())["rows"][0]["threads"] == 1
     bad = CliRunner().invoke(cli.main, ["bench", str(pair[0]), str(pair[1]), "--threads", "one"])
     assert bad.exit_code == 1 and "--threads 'one'" in bad.output
+
+
+def test_bench_cli_runtime_option(pair, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli.main, ["bench", str(pair[0]), str(pair[1]), "--runtime", "ort",
+                                           "--blocks", "2", "-q", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["runtime"] == "ort" and row["match_ok"] and "numeric match" in result.output
+    bad = CliRunner().invoke(cli.main, ["bench", str(pair[0]), str(pair[1]), "--runtime", "ort,tflite"])
+    assert bad.exit_code == 1 and "--runtime 'tflite': expected one of ort, litert" in bad.output
