@@ -14,6 +14,22 @@ Each set is a folder in the onnx-dwd calibration format (`onnx-dwd optimize
   eval/photos/              the 27 real photos of tools/make_photos.py, no labels
                             (detections / predictions are compared with the
                             original model's own)
+  eval/photo-split/         the same 27 photos split by source photo so that
+                            calibration and evaluation never share a photo:
+                            calib/ holds the even-numbered photos (sorted as
+                            make_photos lists them) and test/ the odd ones, each
+                            photo with 7 seeded random crops (30-100% of the side,
+                            aspect 3:4-4:3, random flip); test/imagenet_labels.csv
+                            labels the full foolbox ImageNet photos in test/.
+                            Each part also holds 32 mosaics (4x4, 320x320) of
+                            real LFW faces (scikit-image's lfw_subset: faces
+                            0-49 in calib/, 50-99 in test/, 8 seeded shuffles),
+                            because the photos show almost no people and the
+                            NudeNet detector finds almost nothing in them
+  eval/lfw/                 scikit-image's lfw_subset (real 25x25 grey LFW
+                            crops: 100 faces, 100 non-faces) as PNGs:
+                            calib/ faces 0-49 and non-faces 100-149, test/ the
+                            rest, test/face_labels.csv (1 face, 0 non-face)
 
 under the cache folder (default: $ONNX_DWD_CACHE or ~/.cache/onnx-dwd).
 Nothing is downloaded; tools/install_models.py installs the packages.
@@ -34,7 +50,9 @@ import numpy as np
 from PIL import Image
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-SETS = ("fashion-mnist-test", "imagenet20", "mnist5k", "photos")
+SETS = ("fashion-mnist-test", "imagenet20", "mnist5k", "photos", "photo-split", "lfw")
+CROPS_PER_PHOTO = 7
+MOSAIC_GRID, MOSAIC_SIDE, MOSAIC_SHUFFLES = 4, 320, 8
 
 
 def default_cache() -> Path:
@@ -111,13 +129,91 @@ def photos(out: Path) -> int:
     return len(list(out.glob("*.png")))
 
 
+def random_crop(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The crop tools/make_photos.py --crops makes: 30-100% of the shorter side, aspect 3:4-4:3, random flip."""
+    w, h = im.size
+    side = rng.uniform(0.3, 1.0) * min(w, h)
+    aspect = rng.uniform(0.75, 4 / 3)
+    cw, ch = min(w, int(side * aspect)), min(h, int(side / aspect))
+    left, top = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+    crop = im.crop((left, top, left + cw, top + ch))
+    return crop.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
+
+
+def lfw_images() -> np.ndarray:
+    """scikit-image's lfw_subset as uint8 [200, 25, 25]: 100 faces then 100 non-faces."""
+    from skimage import data
+
+    return np.round(data.lfw_subset() * 255).astype(np.uint8)
+
+
+def face_mosaics(faces: np.ndarray, out: Path, prefix: str, seed: int) -> int:
+    """MOSAIC_SHUFFLES seeded orders of faces, MOSAIC_GRID^2 per 320x320 RGB mosaic (bicubic upsampling)."""
+    rng = np.random.default_rng(seed)
+    cell = MOSAIC_SIDE // MOSAIC_GRID
+    per = MOSAIC_GRID * MOSAIC_GRID
+    count = 0
+    for s in range(MOSAIC_SHUFFLES):
+        order = rng.permutation(len(faces))
+        for m in range(0, len(order), per):
+            canvas = Image.new("L", (MOSAIC_SIDE, MOSAIC_SIDE))
+            for k, i in enumerate(order[m:m + per]):
+                face = Image.fromarray(faces[i]).resize((cell, cell), Image.BICUBIC)
+                canvas.paste(face, ((k % MOSAIC_GRID) * cell, (k // MOSAIC_GRID) * cell))
+            canvas.convert("RGB").save(out / f"{prefix}_{s}_{m // per}.png")
+            count += 1
+    return count
+
+
+def lfw(out: Path) -> int:
+    faces = lfw_images()
+    labels = []
+    for part, ranges in (("calib", (range(0, 50), range(100, 150))), ("test", (range(50, 100), range(150, 200)))):
+        (out / part).mkdir(parents=True, exist_ok=True)
+        for r in ranges:
+            for i in r:
+                name = f"lfw_{i:03d}.png"
+                Image.fromarray(faces[i], "L").save(out / part / name)
+                if part == "test":
+                    labels.append((name, int(i < 100)))
+    with open(out / "test" / "face_labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("file", "label"), *labels])
+    return 200
+
+
+def photo_split(out: Path) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_photos import source_photos
+
+    rng = np.random.default_rng(0)
+    count = 0
+    labels = []
+    for i, path in enumerate(source_photos()):
+        part = out / ("calib" if i % 2 == 0 else "test")
+        part.mkdir(parents=True, exist_ok=True)
+        im = Image.open(path).convert("RGB")
+        stem = f"{i:02d}_{path.stem}"
+        im.save(part / f"{stem}.png")
+        if part.name == "test" and path.stem.startswith("imagenet_"):
+            labels.append((f"{stem}.png", int(path.stem.split("_")[2])))
+        for k in range(CROPS_PER_PHOTO):
+            random_crop(im, rng).save(part / f"{stem}_crop{k}.jpg", quality=92)
+        count += 1 + CROPS_PER_PHOTO
+    faces = lfw_images()[:100]
+    count += face_mosaics(faces[:50], out / "calib", "faces", seed=1)
+    count += face_mosaics(faces[50:], out / "test", "faces", seed=2)
+    with open(out / "test" / "imagenet_labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("file", "label"), *labels])
+    return count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=default_cache())
     parser.add_argument("--only", default=",".join(SETS), help="comma-separated subset of " + ", ".join(SETS))
     args = parser.parse_args()
     build = {"fashion-mnist-test": fashion_mnist_test, "imagenet20": imagenet20, "mnist5k": mnist5k,
-             "photos": photos}
+             "photos": photos, "photo-split": photo_split, "lfw": lfw}
     for name in args.only.split(","):
         if name not in build:
             sys.exit(f"--only {name}: not one of {', '.join(SETS)}")
