@@ -79,9 +79,10 @@ def bench(before: os.PathLike, after: os.PathLike, *, runtimes: Sequence[Union[s
           seed: int = 0, log: Optional[Callable[[str], None]] = None) -> Dict:
     """Check and time `before` and `after` on each runtime; returns the result dict (see module doc).
 
-    runtimes: names (runtimes/base.py) or Runner objects. A runtime that is not installed raises OptionError before anything runs; a
-    model that one runtime cannot convert or run gives that runtime's rows an
-    "error" and the others go on. `level` is onnxruntime's optimisation level
+    runtimes: names (runtimes/base.py) or Runner objects. A runtime that is
+    not installed raises OptionError before anything runs; a model that one
+    runtime cannot convert or run gives that runtime's rows an "error" and the
+    others go on. `level` is onnxruntime's optimisation level
     for the "ort" rows; `log` (if given) hears what is being done.
     """
     if blocks < 2:

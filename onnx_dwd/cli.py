@@ -153,8 +153,8 @@ def demo(output_model, quiet, **options):
 @click.argument("before", type=click.Path(path_type=Path))
 @click.argument("after", type=click.Path(path_type=Path))
 @click.option("--runtime", "runtimes", default="ort", show_default=True, metavar="NAMES",
-              help="Comma-separated runtimes: ort, litert, ncnn, mnn, openvino (each but ort an optional "
-                   "install, see README).")
+              help="Comma-separated runtimes: ort (at --level), ort:LEVEL, litert, ncnn, mnn, openvino (each "
+                   "but ort an optional install, see README).")
 @click.option("--threads", default="1", show_default=True, help="Comma-separated thread counts, e.g. 1,2.")
 @click.option("--level", type=click.Choice(["all", "extended", "basic"]), default="all", show_default=True,
               help="onnxruntime graph optimisation level for --runtime ort (extended is the closer stand-in "

@@ -64,11 +64,18 @@ def test_ort_runner_runs_and_binds(rng):
 
 
 def test_unknown_runtime_and_option_errors():
-    with pytest.raises(OptionError, match="--runtime 'tflite': expected one of ort, litert, ncnn, mnn, openvino"):
+    with pytest.raises(OptionError, match="--runtime 'tflite': expected one of ort, litert, ncnn, mnn, openvino "):
         base.get_runner("tflite")
     with pytest.raises(OptionError, match="--runtime 'x'"):
         base.parse_runtimes("ort,x")
     assert base.parse_runtimes("ort, mnn,ort") == ["ort", "mnn"]
+    assert base.parse_runtimes("ort,ort:extended") == ["ort", "ort:extended"]
+    assert base.get_runner("ort:extended").level == "extended"
+    assert base.get_runner("ort:extended").name == "ort:extended" and base.get_runner("ort", "all").name == "ort"
+    with pytest.raises(OptionError, match="onnxruntime levels are"):
+        base.parse_runtimes("ort:fast")
+    with pytest.raises(OptionError, match="--runtime 'mnn:high'"):
+        base.parse_runtimes("mnn:high")
     with pytest.raises(OptionError, match="onnxruntime level"):
         base.get_runner("ort", "fast")
 

@@ -35,6 +35,9 @@ from .ort import LEVELS, make_session
 #: How long one model conversion may take before it counts as failed.
 CONVERT_TIMEOUT_S = 600
 
+#: Niceness added to converter subprocesses.
+CONVERTER_NICE = 10
+
 
 class Loaded(abc.ABC):
     """A model ready to run on one runtime at a fixed thread count."""
@@ -76,14 +79,13 @@ class _OrtLoaded(Loaded):
 
 
 class OrtRunner(Runner):
-    """onnxruntime's CPU provider at one graph optimisation level."""
-
-    name = "ort"
+    """onnxruntime's CPU provider at one graph optimisation level ("ort" at level all, else "ort:LEVEL")."""
 
     def __init__(self, level: str = "all"):
         if level not in LEVELS:
             raise OptionError(f"onnxruntime level {level!r}: expected one of {', '.join(LEVELS)}")
         self.level = level
+        self.name = "ort" if level == "all" else f"ort:{level}"
 
     def describe(self) -> str:
         return f"onnxruntime CPU, level {self.level}"
@@ -108,23 +110,28 @@ RUNTIMES: Dict[str, Tuple[str, str, str]] = {
 def get_runner(name: str, level: Optional[str] = None) -> Runner:
     """The runner called `name`; OptionError (with how to install it) if unknown or missing.
 
-    `level` is onnxruntime's optimisation level and applies to "ort" only.
+    `level` is onnxruntime's optimisation level and applies to "ort" only;
+    "ort:LEVEL" names a level too (so one bench can compare levels).
     """
-    if name not in RUNTIMES:
-        raise OptionError(f"--runtime {name!r}: expected one of {', '.join(RUNTIMES)}")
+    name, _, named_level = name.partition(":")
+    if name not in RUNTIMES or (named_level and name != "ort"):
+        raise OptionError(f"--runtime {name!r}: expected one of {', '.join(RUNTIMES)} (or ort:LEVEL)")
     module, cls, _ = RUNTIMES[name]
     factory = getattr(importlib.import_module(f"{__package__}.{module}"), cls)
-    return factory(level or "all") if name == "ort" else factory()
+    return factory(named_level or level or "all") if name == "ort" else factory()
 
 
 def parse_runtimes(text: str) -> List[str]:
-    """`ort,litert` -> ["ort", "litert"], each checked against RUNTIMES."""
+    """`ort,ort:extended,litert` -> ["ort", "ort:extended", "litert"], each checked against RUNTIMES."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise OptionError(f"--runtime {text!r}: expected comma-separated names from {', '.join(RUNTIMES)}")
     for n in names:
-        if n not in RUNTIMES:
-            raise OptionError(f"--runtime {n!r}: expected one of {', '.join(RUNTIMES)}")
+        base, _, level = n.partition(":")
+        if base not in RUNTIMES or (level and base != "ort"):
+            raise OptionError(f"--runtime {n!r}: expected one of {', '.join(RUNTIMES)} (or ort:LEVEL)")
+        if level and level not in LEVELS:
+            raise OptionError(f"--runtime {n!r}: onnxruntime levels are {', '.join(LEVELS)}")
     return list(dict.fromkeys(names))
 
 
@@ -145,22 +152,26 @@ def import_optional(module: str, runtime: str, install: str):
 
 
 @contextlib.contextmanager
-def quiet_native_output() -> Iterator[None]:
-    """Silence stdout written by native libraries (MNN and LiteRT print banners at load)."""
+def quiet_native_output(stderr: bool = False) -> Iterator[None]:
+    """Silence what native libraries write to stdout (and stderr if asked): MNN and LiteRT
+    print banners when they load. Python exceptions still carry their messages."""
+    streams = [sys.stdout] + ([sys.stderr] if stderr else [])
+    saved = []
     try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stdout (e.g. captured by click's runner)
+        for stream in streams:
+            try:
+                fd = stream.fileno()
+            except (AttributeError, OSError, ValueError):  # not a real file (e.g. click's test runner)
+                continue
+            stream.flush()
+            saved.append((fd, os.dup(fd)))
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), fd)
         yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(fd)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), fd)
-            yield
     finally:
-        os.dup2(saved, fd)
-        os.close(saved)
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def static_input_shapes(model: onnx.ModelProto, what: str) -> Dict[str, Tuple[int, ...]]:
@@ -233,12 +244,18 @@ def model_digest(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
 
 
+def _lower_priority() -> None:
+    """Converters run niced: on a shared machine they should not disturb timings."""
+    os.nice(CONVERTER_NICE)
+
+
 def run_converter(cmd: Sequence[str], runtime: str, what: str, cwd: Optional[Path] = None,
                   success: Optional[str] = None) -> str:
     """Run a converter subprocess; ModelError naming `what` with the end of its output if it fails."""
     try:
         proc = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, errors="replace",
-                              timeout=CONVERT_TIMEOUT_S, stdin=subprocess.DEVNULL)
+                              timeout=CONVERT_TIMEOUT_S, stdin=subprocess.DEVNULL,
+                              preexec_fn=_lower_priority if os.name == "posix" else None)
     except subprocess.TimeoutExpired:
         raise ModelError(f"{what}: conversion for {runtime} took longer than {CONVERT_TIMEOUT_S} s") from None
     output = proc.stdout + proc.stderr

@@ -23,9 +23,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .base import (for_converter, Loaded, Runner, cache_root, import_optional, missing, model_digest, quiet_native_output,
-                   random_feed, reference_outputs, run_converter, scratch_dir, static_input_shapes)
 from ..errors import ModelError
+from .base import (Loaded, Runner, cache_root, for_converter, import_optional, missing, model_digest,
+                   quiet_native_output, random_feed, reference_outputs, run_converter, scratch_dir,
+                   static_input_shapes)
 
 INSTALL = "pip install 'onnx-dwd[litert]'  (or: pip install ai-edge-litert)"
 ONNX2TF_VERSION = "2.6.9"
@@ -43,10 +44,15 @@ def install_onnx2tf_hint() -> str:
 
 
 def find_onnx2tf() -> Optional[Path]:
-    """The onnx2tf executable: $ONNX_DWD_ONNX2TF, else the one in onnx2tf_venv()."""
+    """The onnx2tf executable: $ONNX_DWD_ONNX2TF, else the one in onnx2tf_venv(), else in the
+    default ~/.cache/onnx-dwd/onnx2tf-venv (where a run with its own $ONNX_DWD_CACHE still finds it)."""
     given = os.environ.get("ONNX_DWD_ONNX2TF")
-    path = Path(given) if given else onnx2tf_venv() / "bin" / "onnx2tf"
-    return path if path.is_file() and os.access(path, os.X_OK) else None
+    if given:
+        candidates = [Path(given)]
+    else:
+        default = Path(os.path.expanduser("~")) / ".cache" / "onnx-dwd" / "onnx2tf-venv"
+        candidates = [onnx2tf_venv() / "bin" / "onnx2tf", default / "bin" / "onnx2tf"]
+    return next((p for p in candidates if p.is_file() and os.access(p, os.X_OK)), None)
 
 
 def _layouts(rank: int, first: Optional[Tuple[int, ...]]) -> List[Optional[Tuple[int, ...]]]:
@@ -128,9 +134,12 @@ class LiteRTRunner(Runner):
     def load(self, model, threads, what="model"):
         shapes = static_input_shapes(model, what)
         data = self.convert(model, what)
-        with quiet_native_output():
-            interpreter = self.litert.Interpreter(model_content=data, num_threads=int(threads))
-            interpreter.allocate_tensors()
+        try:
+            with quiet_native_output(stderr=True):  # "INFO: Created TensorFlow Lite XNNPACK delegate"
+                interpreter = self.litert.Interpreter(model_content=data, num_threads=int(threads))
+                interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"{what}: LiteRT cannot load the converted model: {str(exc).strip()}") from None
         details_in = _by_onnx_name(interpreter.get_input_details(), list(shapes), "input", what)
         out_names = [o.name for o in model.graph.output]
         details_out = _by_onnx_name(interpreter.get_output_details(), out_names, "output", what)

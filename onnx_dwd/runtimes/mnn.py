@@ -18,9 +18,9 @@ from typing import Dict
 
 import numpy as np
 
-from .base import (for_converter, Loaded, Runner, import_optional, missing, model_digest, quiet_native_output,
-                   reorder_outputs, run_converter, scratch_dir, static_input_shapes)
 from ..errors import ModelError
+from .base import (Loaded, Runner, for_converter, import_optional, missing, model_digest, quiet_native_output,
+                   reorder_outputs, run_converter, scratch_dir, static_input_shapes)
 
 INSTALL = "pip install 'onnx-dwd[mnn]'  (or: pip install MNN)"
 

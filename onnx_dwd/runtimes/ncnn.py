@@ -17,9 +17,9 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from .base import (for_converter, Loaded, Runner, import_optional, missing, model_digest, package_dir, reference_outputs,
-                   random_feed, run_converter, scratch_dir, static_input_shapes)
 from ..errors import ModelError
+from .base import (Loaded, Runner, for_converter, import_optional, missing, model_digest, package_dir,
+                   random_feed, reference_outputs, run_converter, scratch_dir, static_input_shapes)
 
 INSTALL = "pip install 'onnx-dwd[ncnn]' && pip install --no-deps pnnx  (plain `pip install pnnx` pulls a CUDA torch)"
 

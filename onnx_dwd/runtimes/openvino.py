@@ -8,8 +8,8 @@ device.
 
 from __future__ import annotations
 
-from .base import for_converter, Loaded, Runner, import_optional, scratch_dir
 from ..errors import ModelError
+from .base import Loaded, Runner, for_converter, import_optional, scratch_dir
 
 INSTALL = "pip install 'onnx-dwd[openvino]'  (or: pip install openvino)"
 
