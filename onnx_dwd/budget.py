@@ -23,11 +23,14 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One way to run a layer: a label (e.g. "rank 2 (sum)"), its time and its relative error."""
+    """One way to run a layer: a label (e.g. "rank 2"), its time and its relative error;
+    rank and graph form say how to build it."""
 
     label: str
     ms: float
     error: float
+    rank: Optional[int] = None
+    form: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,9 +13,11 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .api import _no_progress, optimize as run_optimize
+from .api import optimize as run_optimize
+from .decompose import no_progress
 from .calib import Preprocess
-from .config import GRAPH_FORMS, METHODS, REFIT_VARIANT_CHOICES, OptimizeConfig, parse_input_shape
+from .config import (DEFAULT_MAX_ERROR, GRAPH_FORMS, METHODS, REFIT_VARIANT_CHOICES, RUNTIME_LEVELS, OptimizeConfig,
+                     parse_input_shape)
 from .errors import DwdError
 from .report import render_table
 
@@ -37,8 +39,26 @@ def _user_errors(fn):
 def optimize_options(fn):
     """Options shared by `optimize` and `demo`; each one reaches OptimizeConfig."""
     for decorator in reversed([
-        click.option("--rank", "-k", type=int, default=1, show_default=True,
-                     help="Depthwise filters per input channel (K); kh*kw reproduces each layer exactly."),
+        click.option("--rank", "-k", type=int, default=None,
+                     help="Depthwise filters per input channel (K), the same for every layer; kh*kw reproduces "
+                          "each layer exactly. Without it, the rank (or keeping the conv) is chosen per layer "
+                          f"under a budget (default --max-error {DEFAULT_MAX_ERROR})."),
+        click.option("--target-speedup", type=float, default=None,
+                     help="Budget: the whole model must run this many times faster on --runtime (measured)."),
+        click.option("--max-error", type=float, default=None,
+                     help="Budget: the model's relative output error on held-out data must stay within this; "
+                          "the fastest such model is written."),
+        click.option("--latency-budget", "latency_budget_ms", type=float, default=None, metavar="MS",
+                     help="Budget: the whole model must run within this many milliseconds on --runtime."),
+        click.option("--runtime", default="ort", show_default=True,
+                     help="Where latency is measured (per layer for the choice, whole model for the report)."),
+        click.option("--level", type=click.Choice(RUNTIME_LEVELS), default="all", show_default=True,
+                     help="onnxruntime graph optimisation level for --runtime ort (extended is the closer "
+                          "stand-in for ARM runtimes)."),
+        click.option("--threads", type=int, default=1, show_default=True, help="Threads of --runtime."),
+        click.option("--latency/--no-latency", "measure_latency", default=True, show_default=True,
+                     help="Time the original and the written model side by side for the report "
+                          "(a budgeted choice always does)."),
         click.option("--method", type=click.Choice(METHODS), default=None,
                      help="refit (ours; default with --calib), dwd-comp (paper Alg. 2), dwd (paper Alg. 1), "
                           "nd (data-free Network Decoupling; default without --calib), channel (baseline: "
@@ -122,7 +142,7 @@ def main():
 def optimize(input_model, output_model, quiet, **options):
     """Decompose INPUT_MODEL's regular convs and write OUTPUT_MODEL with a report."""
     report = run_optimize(input_model, output_model, build_config(**options),
-                          progress=_no_progress if quiet else show_progress)
+                          progress=no_progress if quiet else show_progress)
     if not quiet:
         click.echo(render_table(report), nl=False)
 
@@ -143,7 +163,7 @@ def demo(output_model, quiet, **options):
     if options["report_json"] is None:
         options["report_json"] = output_model.with_suffix(".report.json")
     report = run_optimize(model, output_model, build_config(**options),
-                          progress=_no_progress if quiet else show_progress)
+                          progress=no_progress if quiet else show_progress)
     if not quiet:
         click.echo(render_table(report), nl=False)
         click.echo(f"wrote {output_model} and {options['report_json']}")

@@ -21,6 +21,13 @@ REFIT_VARIANT_CHOICES = ("auto", "alg2", "sweeps", "sweeps+ls")
 #: How a rank-K (K > 1) depthwise stage is written in the graph; see rewrite.py.
 GRAPH_FORMS = ("auto", "sum", "split", "multiplier", "concat-input")
 
+#: With neither --rank nor a budget: the fastest plan whose model output error
+#: on held-out data stays within this (relative, |Y - Y'| / |Y|).
+DEFAULT_MAX_ERROR = 0.05
+
+#: onnxruntime graph optimisation levels a latency target can name.
+RUNTIME_LEVELS = ("all", "extended", "basic")
+
 
 def parse_input_shape(text: str) -> Tuple[str, Tuple[int, ...]]:
     """Parse ``name:1,3,320,320`` (Polygraphy's ``--input-shapes`` spelling).
@@ -48,10 +55,21 @@ def parse_input_shape(text: str) -> Tuple[str, Tuple[int, ...]]:
 class OptimizeConfig:
     """Everything an optimize run needs besides the input and output paths.
 
-    rank: K, the number of depthwise filters per input channel (1 is the
-        paper's form; kh*kw reproduces the layer exactly). Clamped per layer
-        to the largest useful rank, min(kh*kw, out_channels / group). For
-        method "channel", c' is chosen per layer for the MACs of rank K.
+    rank: K, the number of depthwise filters per input channel, the same
+        for every layer (1 is the paper's form; kh*kw reproduces the layer
+        exactly). Clamped per layer to the largest useful rank,
+        min(kh*kw, out_channels / group). For method "channel", c' is chosen
+        per layer for the MACs of rank K. None (the default): the rank, or
+        keeping the conv, is chosen per layer under a budget (see select_plan.py).
+    target_speedup / max_error / latency_budget_ms: the budget of the
+        per-layer choice, at most one, only without rank: whole-model speed-up
+        measured on the runtime, relative output error on held-out data, or
+        whole-model milliseconds. None of them: max_error DEFAULT_MAX_ERROR.
+    runtime / level / threads: where latency is measured (per layer for the
+        choice, whole model for the report): a runner name (runtimes/base.py),
+        onnxruntime's optimisation level, intra-op threads.
+    measure_latency: time the original and the written model side by side
+        for the report (model.latency); the budgeted choice always does.
     method: fitting method, one of METHODS; None means refit with
         calibration data and nd without.
     inter_layer: fit each layer on the inputs the partly decomposed model
@@ -77,7 +95,14 @@ class OptimizeConfig:
     report_json / report_markdown: where to write the report, if anywhere.
     """
 
-    rank: int = 1
+    rank: Optional[int] = None
+    target_speedup: Optional[float] = None
+    max_error: Optional[float] = None
+    latency_budget_ms: Optional[float] = None
+    runtime: str = "ort"
+    level: str = "all"
+    threads: int = 1
+    measure_latency: bool = True
     method: Optional[str] = None
     inter_layer: bool = True
     refit_variant: str = "sweeps+ls"
@@ -94,8 +119,26 @@ class OptimizeConfig:
     report_markdown: Optional[Path] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
             raise OptionError(f"--rank must be a positive integer, got {self.rank!r}")
+        budgets = {"--target-speedup": self.target_speedup, "--max-error": self.max_error,
+                   "--latency-budget": self.latency_budget_ms}
+        given = [flag for flag, v in budgets.items() if v is not None]
+        if len(given) > 1:
+            raise OptionError(f"{' and '.join(given)}: give at most one budget")
+        if given and self.rank is not None:
+            raise OptionError(f"--rank fixes the rank of every layer; {given[0]} chooses it per layer: "
+                              "give one or the other")
+        if self.target_speedup is not None and not self.target_speedup > 1:
+            raise OptionError(f"--target-speedup must be above 1, got {self.target_speedup}")
+        if self.max_error is not None and not self.max_error > 0:
+            raise OptionError(f"--max-error must be positive, got {self.max_error}")
+        if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
+            raise OptionError(f"--latency-budget must be positive (milliseconds), got {self.latency_budget_ms}")
+        if self.level not in RUNTIME_LEVELS:
+            raise OptionError(f"--level {self.level!r} is not known; choose one of {', '.join(RUNTIME_LEVELS)}")
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise OptionError(f"--threads must be a positive integer, got {self.threads!r}")
         if self.method is not None and self.method not in METHODS:
             raise OptionError(
                 f"--method {self.method!r} is not known; choose one of {', '.join(METHODS)}"
@@ -118,6 +161,19 @@ class OptimizeConfig:
             if value is not None and value < 1:
                 raise OptionError(f"--{name.replace('_', '-')} must be positive, got {value}")
         object.__setattr__(self, "input_shapes", dict(self.input_shapes))
+
+    @property
+    def selects(self) -> bool:
+        """Whether the rank (or keeping the conv) is chosen per layer under a budget."""
+        return self.rank is None
+
+    @property
+    def budget(self) -> Tuple[str, float]:
+        """The budget of the per-layer choice: ("target_speedup" | "max_error" | "latency_budget_ms", value)."""
+        for name in ("target_speedup", "latency_budget_ms", "max_error"):
+            if getattr(self, name) is not None:
+                return name, getattr(self, name)
+        return "max_error", DEFAULT_MAX_ERROR
 
     def resolved_method(self, has_data: bool) -> str:
         """The method to run: the explicit one, else refit with data and nd without."""

@@ -40,21 +40,29 @@ def layer_rows(report: Dict) -> List[List[str]]:
         chans = f"{e['in_channels'] or '?'}->{e['out_channels'] or '?'}"
         what = f"rank {e['rank']}" + (f" ({e['graph_form']})" if e["rank"] and e["rank"] > 1 else "") \
             if e["decomposed"] else f"kept: {e['reason']}"
-        rows.append([e["name"], k, chans, str(e["group"]), _mega(e["macs_before"]), _mega(e["macs_after"]),
+        ms = "-" if e.get("latency_before_ms") is None else \
+            f"{e['latency_before_ms']:.3f}->{e['latency_after_ms']:.3f}"
+        rows.append([e["name"], k, chans, str(e["group"]), _mega(e["macs_before"]), _mega(e["macs_after"]), ms,
                      _num(e["weight_rel_error"], "{:.3f}"), _num(e.get("rel_error"), "{:.3f}"), what])
     return rows
 
 
-LAYER_HEADER = ["layer", "kernel", "channels", "group", "MACs before", "MACs after", "weight err", "output err",
-                "decision"]
+LAYER_HEADER = ["layer", "kernel", "channels", "group", "MACs before", "MACs after", "layer ms", "weight err",
+                "output err", "decision"]
 
 
 def summary_lines(report: Dict) -> List[str]:
-    m, v = report["model"], report["model"]["validation"]
+    m, v, c = report["model"], report["model"]["validation"], report["config"]
+    if c["rank"] is not None:
+        ranks = f"rank {c['rank']}"
+    else:
+        (kind, value), = c["budget"].items()
+        ranks = f"rank per layer for {kind.replace('_', ' ')} {value:g}"
+        if m.get("selection") and not m["selection"]["met"]:
+            ranks += " (NOT MET: see selection.rounds)"
     lines = [
         f"model      {report['input']} -> {report['output']}  (opset {m['opset']})",
-        f"convs      {m['decomposed']} of {m['convs']} decomposed; method {report['config']['method']}, "
-        f"rank {report['config']['rank']}"
+        f"convs      {m['decomposed']} of {m['convs']} decomposed; method {c['method']}, {ranks}"
         + (", inter-layer compensation" if report["config"].get("inter_layer") else "")
         + f"; folded into convs: {len(m['folded'])} nodes",
         f"MACs       {_mega(m['macs_before'])} -> {_mega(m['macs_after'])}  ({_ratio(m['macs_before'], m['macs_after'])} fewer)"
@@ -70,6 +78,11 @@ def summary_lines(report: Dict) -> List[str]:
         lines.append(f"  top-1 agreement with the original: {100 * v['top1_agreement']:.2f}%")
     if "accuracy_before" in v:
         lines.append(f"  accuracy vs labels: {100 * v['accuracy_before']:.2f}% -> {100 * v['accuracy_after']:.2f}%")
+    lat = m.get("latency")
+    if lat:
+        lines.append(f"latency    {lat['before_ms']:.3f} ms -> {lat['after_ms']:.3f} ms, speed-up {lat['speedup']:.2f}x "
+                     f"[{lat['speedup_iqr'][0]:.2f}-{lat['speedup_iqr'][1]:.2f}] on {lat['runtime_detail']}, "
+                     f"{lat['threads']} thread(s)  (median of {lat['blocks']} interleaved blocks [IQR])")
     return lines
 
 

@@ -66,3 +66,17 @@ def package_file(package: str, relative: str) -> Path:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def latency_cache(tmp_path_factory):
+    """Layer timings go to a cache of this test session, not the user's (subprocesses inherit it)."""
+    import os
+    path = tmp_path_factory.mktemp("latency-cache")
+    old = os.environ.get("ONNX_DWD_CACHE")
+    os.environ["ONNX_DWD_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ONNX_DWD_CACHE", None)
+    else:
+        os.environ["ONNX_DWD_CACHE"] = old

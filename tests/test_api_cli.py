@@ -66,7 +66,7 @@ def test_optimize_writes_a_valid_model_and_a_complete_report(small_model, tmp_pa
 
 
 def test_rank_one_reduces_macs_and_reports_the_error(small_model, tmp_path):
-    report = optimize(small_model, tmp_path / "o.onnx", OptimizeConfig(input_shapes={"x": (1, 3, 16, 16)}))
+    report = optimize(small_model, tmp_path / "o.onnx", OptimizeConfig(rank=1, input_shapes={"x": (1, 3, 16, 16)}))
     m = report["model"]
     assert m["macs_after"] < m["macs_before"] / 3
     assert 0 < m["validation"]["outputs"]["y"]["rel_error"] < 2
@@ -137,7 +137,17 @@ def test_every_cli_option_reaches_the_config(monkeypatch, tmp_path):
               "--input-shape": ("input:0:1,224,224,3", {"input:0": (1, 224, 224, 3)}),
               "--calib": (str(tmp_path), tmp_path), "--validation-samples": ("7", 7), "--seed": ("5", 5),
               "--report": (str(tmp_path / "r.json"), tmp_path / "r.json"),
-              "--markdown": (str(tmp_path / "r.md"), tmp_path / "r.md")}
+              "--markdown": (str(tmp_path / "r.md"), tmp_path / "r.md"),
+              "--runtime": ("ort", "ort"), "--level": ("extended", "extended"), "--threads": ("2", 2),
+              "--no-latency": (None, False)}
+    budgets = {"--target-speedup": ("1.5", 1.5, "target_speedup"), "--max-error": ("0.1", 0.1, "max_error"),
+               "--latency-budget": ("3", 3.0, "latency_budget_ms")}
+    for flag, (text, expected, field) in budgets.items():  # one at a time, and not with --rank
+        seen.clear()
+        result = CliRunner().invoke(cli.main, ["optimize", "in.onnx", "out.onnx", flag, text])
+        assert result.exit_code == 0, result.output
+        assert getattr(seen["config"], field) == expected and seen["config"].rank is None, flag
+    seen.clear()
     args = ["optimize", "in.onnx", "out.onnx"]
     for flag, (text, _) in values.items():
         args += [flag] if text is None else [flag, text]
@@ -150,7 +160,8 @@ def test_every_cli_option_reaches_the_config(monkeypatch, tmp_path):
               "--scale": "preprocess.scale", "--mean": "preprocess.mean", "--std": "preprocess.std",
               "--channel-order": "preprocess.channel_order", "--layout": "preprocess.layout",
               "--calib": "calib", "--validation-samples": "validation_samples", "--seed": "seed",
-              "--report": "report_json", "--markdown": "report_markdown"}
+              "--report": "report_json", "--markdown": "report_markdown", "--runtime": "runtime",
+              "--level": "level", "--threads": "threads", "--no-latency": "measure_latency"}
     for flag, (_, expected) in values.items():
         obj = config
         for part in fields[flag].split("."):
@@ -158,8 +169,8 @@ def test_every_cli_option_reaches_the_config(monkeypatch, tmp_path):
         assert obj == expected, flag
     # every option of the command is covered here, and every config field has an option
     options = {o for p in cli.optimize.params for o in p.opts + p.secondary_opts if o.startswith("--")}
-    assert options - {"--quiet", "--help", "--inter-layer"} == set(values)
-    covered = {f.split(".")[0] for f in fields.values()}
+    assert options - {"--quiet", "--help", "--inter-layer", "--latency"} == set(values) | set(budgets)
+    covered = {f.split(".")[0] for f in fields.values()} | {b[2] for b in budgets.values()}
     assert covered == set(inspect.signature(OptimizeConfig).parameters)
 
 

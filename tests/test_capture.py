@@ -339,7 +339,7 @@ def e2e(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reports(e2e):
     folder, feeds = e2e
-    return {m: optimize(folder / "m.onnx", folder / f"{m}.onnx", OptimizeConfig(method=m), calibration=feeds)
+    return {m: optimize(folder / "m.onnx", folder / f"{m}.onnx", OptimizeConfig(method=m, rank=1, measure_latency=False), calibration=feeds)
             for m in ("refit", "dwd-comp", "dwd", "channel")}
 
 
@@ -398,7 +398,7 @@ def test_full_rank_refit_reproduces_the_original(e2e):
 
 def test_no_inter_layer_is_reported_and_changes_the_fit(e2e, reports):
     folder, feeds = e2e
-    report = optimize(folder / "m.onnx", folder / "noil.onnx", OptimizeConfig(method="refit", inter_layer=False),
+    report = optimize(folder / "m.onnx", folder / "noil.onnx", OptimizeConfig(method="refit", rank=1, inter_layer=False, measure_latency=False),
                       calibration=feeds)
     assert report["config"]["inter_layer"] is False
     # the first layer sees the same inputs either way; later layers are fitted differently
@@ -426,7 +426,7 @@ def test_calibration_with_wrong_keys_fails_before_writing(e2e):
 
 def test_generator_calibration_matches_list(e2e, reports):
     folder, feeds = e2e
-    report = optimize(folder / "m.onnx", folder / "gen.onnx", OptimizeConfig(method="refit"),
+    report = optimize(folder / "m.onnx", folder / "gen.onnx", OptimizeConfig(method="refit", rank=1, measure_latency=False),
                       calibration=(f for f in feeds))
     assert [l["rel_error"] for l in report["layers"]] == [l["rel_error"] for l in reports["refit"]["layers"]]
 

@@ -1,0 +1,204 @@
+"""Decompose a model in memory: fold, classify, capture, fit and rewrite. No files, no validation.
+
+decompose_model is the one place a model's candidate convs are fitted and
+replaced; optimize() (api.py) and the budgeted choice (selection.py) call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Iterable, List, Mapping, Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from threadpoolctl import threadpool_limits
+
+from . import __version__
+from .calib import Calibration
+from .capture import Capture, CaptureSpec, dependency_levels, tensor_shapes
+from .config import DATA_FREE_METHODS, OptimizeConfig
+from .cost import channel_macs, channels_for_rank, conv_macs, decomposed_macs
+from .errors import DwdError
+from .fit import network_decoupling, reconstruct_weight
+from .fit.data import channel, dwd, dwd_comp, refit
+from .fit.stats import relative_error
+from .fold import fold_affine_into_convs
+from .modelio import check_model, export_graph
+from .planner import Decision
+from .rewrite import replace_conv, replace_conv_with_channel
+from .select import ConvLayer, classify_convs
+from .tensors import NameAllocator
+
+Progress = Callable[[Iterable, str, Optional[int]], Iterable]
+
+_DATA_FITS = {"dwd": dwd, "dwd-comp": dwd_comp}
+
+
+def no_progress(iterable, label, length):
+    return iterable
+
+
+def _layer_entry(layer: ConvLayer, out_shape: Optional[tuple]) -> Dict:
+    macs = None
+    if out_shape is not None and layer.in_channels is not None:
+        macs = conv_macs(out_shape, layer.out_channels, layer.in_channels, layer.group, layer.kernel)
+    return {
+        "name": layer.name, "op": layer.op, "kernel": list(layer.kernel),
+        "in_channels": layer.in_channels, "out_channels": layer.out_channels, "group": layer.group,
+        "decomposed": False, "reason": layer.reason, "rank": None, "graph_form": None,
+        "output_shape": list(out_shape) if out_shape else None,
+        "macs_before": macs, "macs_after": macs, "weight_rel_error": None, "rel_error": None,
+    }
+
+
+@dataclasses.dataclass
+class Decomposed:
+    """Result of decompose_model: the new model, one report entry per conv, folded node names."""
+
+    model: onnx.ModelProto
+    layers: List[Dict]
+    folded: List[str]
+    method: str
+    inter_layer: bool
+
+
+def _fit_and_replace(graph, layer, entry, method, rank, graph_form, config, names, fit_stats, held_stats,
+                     val_stats=None):
+    """Fit one candidate at rank (in graph_form), rewrite it in graph, fill its report entry."""
+    w = layer.weight.astype(np.float64)
+    out_shape = entry["output_shape"]
+    if method == "channel":
+        channels = channels_for_rank(layer.out_channels, layer.in_channels, layer.kernel, rank)
+        ch = channel(layer.weight, fit_stats, channels)
+        rebuilt = (ch.second[:, :, 0, 0].astype(np.float64) @ ch.first.reshape(ch.channels, -1)).reshape(w.shape)
+        bias = ch.bias
+        entry["graph_form"] = replace_conv_with_channel(graph, layer, ch.first, ch.second, ch.bias, names)
+        entry.update(decomposed=True, rank=rank, channels=ch.channels)
+        if out_shape:
+            entry["macs_after"] = channel_macs(out_shape, layer.out_channels, layer.in_channels, layer.kernel,
+                                               ch.channels)
+    else:
+        if method == "nd":
+            dec = network_decoupling(layer.weight, rank, layer.group)
+        elif method == "refit":
+            fixed = None if config.refit_variant == "auto" else config.refit_variant
+            dec = refit(layer.weight, fit_stats, rank, validation=val_stats, variant=fixed)
+            entry["refit_variant"] = dec.detail
+        else:
+            dec = _DATA_FITS[method](layer.weight, fit_stats, rank)
+        rebuilt = reconstruct_weight(dec).astype(np.float64)
+        bias = dec.bias if dec.bias is not None else layer.bias
+        entry["graph_form"] = replace_conv(graph, layer, dec, graph_form, names)
+        entry.update(decomposed=True, rank=dec.rank)
+        if out_shape:
+            entry["macs_after"] = decomposed_macs(out_shape, layer.out_channels, layer.in_channels,
+                                                  layer.group, layer.kernel, dec.rank)
+    entry["weight_rel_error"] = float(np.linalg.norm(rebuilt - w) / max(np.linalg.norm(w), 1e-30))
+    if held_stats is not None and held_stats.count:
+        entry["rel_error"] = relative_error(held_stats, rebuilt, bias)
+
+
+def decompose_model(original: onnx.ModelProto, config: OptimizeConfig,
+                    shape_feed: Optional[Dict[str, np.ndarray]] = None, *,
+                    calibration: Optional[Calibration] = None, what: str = "model",
+                    progress: Progress = no_progress,
+                    decisions: Optional[Mapping[str, Decision]] = None) -> Decomposed:
+    """Fold, classify, capture, fit and rewrite in memory; no files, no model validation.
+
+    shape_feed: one input to learn conv output shapes for the MAC counts
+    (without it MACs are None). calibration: data to fit on (its fit part)
+    and to measure per-layer errors on (its held-out part). decisions: rank
+    and graph form (or keep) per candidate, from the planner; without them
+    every candidate gets config.rank in config.graph_form.
+    """
+    # One BLAS thread: the fits loop over small matrices, where OpenBLAS's
+    # spinning worker threads cost 5-20x on a 2-core machine with anything
+    # else running (onnxruntime included); measured in benchmarks/RESULTS.md.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _decompose(original, config, shape_feed, calibration, what, progress, decisions)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """The model with affine nodes folded into convs, and every conv classified."""
+
+    graph: gs.Graph
+    model: onnx.ModelProto
+    folded: List[str]
+    layers: List[ConvLayer]
+    candidates: List[ConvLayer]
+
+
+def prepare(original: onnx.ModelProto, method: str, what: str) -> Prepared:
+    graph = gs.import_onnx(original)
+    folded = fold_affine_into_convs(graph)
+    graph.cleanup()
+    layers = classify_convs(graph)
+    if not layers:
+        raise DwdError(f"{what}: the model has no Conv nodes; nothing to do")
+    if method == "channel":
+        for l in layers:
+            if l.is_candidate and l.group > 1:
+                l.reason = "grouped conv: the channel method supports group 1 only"
+    return Prepared(graph, export_graph(graph, original), folded, layers, [l for l in layers if l.is_candidate])
+
+
+def _decompose(original, config, shape_feed, calibration, what, progress, decisions) -> Decomposed:
+    method = config.resolved_method(calibration is not None)
+    prep = prepare(original, method, what)
+    graph, prepared, layers = prep.graph, prep.model, prep.layers
+    shapes = {}
+    if shape_feed is not None:
+        shapes = tensor_shapes(prepared, shape_feed, [l.output_name for l in layers], what=what)
+    entries = {l.name: _layer_entry(l, shapes.get(l.output_name)) for l in layers}
+    candidates = prep.candidates
+    plan = {l.name: (config.rank, config.graph_form) for l in candidates}
+    if decisions is not None:
+        for l in candidates:
+            d = decisions[l.name]
+            entries[l.name].update(latency_before_ms=d.keep_ms, latency_after_ms=d.ms,
+                                   planned_rel_error=d.error_estimate)
+            if d.rank is None:
+                l.reason = entries[l.name]["reason"] = d.reason
+            plan[l.name] = (d.rank, d.graph_form)
+        candidates = [l for l in candidates if l.is_candidate]
+    names = NameAllocator(graph)
+
+    inter_layer = config.inter_layer and method not in DATA_FREE_METHODS and calibration is not None
+    if calibration is None:
+        for layer in candidates:
+            _fit_and_replace(graph, layer, entries[layer.name], method, *plan[layer.name], config, names, None, None)
+    else:
+        needs_fit_data = method not in DATA_FREE_METHODS
+        levels = dependency_levels(graph, candidates) if inter_layer else [candidates]
+        levels = [group for group in levels if group]  # every candidate may be kept
+        for index, group in enumerate(levels):
+            graph.cleanup().toposort()
+            current = export_graph(graph, original) if inter_layer and index > 0 else None
+            capture = Capture(prepared, current, [CaptureSpec.of(l) for l in group],
+                              config.positions_per_image, config.seed + index, what=what)
+            fit_stats = capture.new_stats() if needs_fit_data else None
+            # refit picks its variant on images of the fit data it does not fit on first
+            val_stats = capture.new_stats() if method == "refit" and config.refit_variant == "auto" else None
+            held_stats = capture.new_stats()
+            stage = f"level {index + 1}/{len(levels)}" if inter_layer else "capture"
+            if needs_fit_data:
+                for feed in progress(calibration.fit.batches(), f"{stage}: fit data, {len(group)} layers",
+                                     None):
+                    capture.add(feed, fit_stats, val_stats)
+            for feed in progress(calibration.holdout.batches(), f"{stage}: held-out data", None):
+                capture.add(feed, held_stats)
+            for layer in progress(group, f"{stage}: fitting ({method})", len(group)):
+                _fit_and_replace(graph, layer, entries[layer.name], method, *plan[layer.name], config, names,
+                                 fit_stats[layer.name] if fit_stats else None, held_stats[layer.name],
+                                 val_stats[layer.name] if val_stats else None)
+    graph.cleanup().toposort()
+    model = export_graph(graph, original)
+    kept = [p for p in model.metadata_props if p.key != "onnx_dwd"]  # a model optimized before
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    ranks = config.rank if decisions is None else "per-layer"
+    model.metadata_props.add(key="onnx_dwd", value=f"version={__version__} method={method} rank={ranks}")
+    check_model(model, f"optimized {what}")
+    return Decomposed(model, [entries[l.name] for l in layers], prep.folded, method, inter_layer)

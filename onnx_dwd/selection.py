@@ -1,0 +1,255 @@
+"""The budgeted choice: rank or keep per layer, validated on the whole model and adjusted.
+
+1. planner.py gives every candidate its options: time of the original conv
+   and of each rank on the target runtime, and each rank's estimated error.
+2. budget.plan picks per layer under the budget:
+   - a time budget (--target-speedup X, --latency-budget MS) becomes the
+     milliseconds the layers must save, from the measured time of the whole
+     original model;
+   - an error budget (--max-error E) becomes a bound on the sum of squared
+     layer errors, first E^2.
+3. The whole model is built and measured, and the budget adjusted:
+   - time: the speed-up is measured side by side with the original; if it
+     falls short, the layers are asked to save more by the ratio of the
+     saving predicted to the saving measured (isolated layer times do not add
+     up exactly). The structure decides the time, not the weights, so these
+     rounds build data-free models; the calibrated fit runs once at the end;
+   - error: the model's output error on the held-out data is measured; the
+     bound is scaled by (E / measured)^2, tighter when over, looser when well
+     under, keeping the fastest model that met E.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx
+from threadpoolctl import threadpool_limits
+
+from .capture import Capture, CaptureSpec, tensor_shapes
+from .config import OptimizeConfig
+from .decompose import Decomposed, decompose_model, prepare
+from .modelio import with_input_shapes
+from .planner import Decision, LayerOptions, decide, fastest, geometry, option_errors, predicted_ms, time_options
+from .runtimes import make_session, run_batches
+from .runtimes.base import get_runner
+from .runtimes.layer_latency import LatencyCache
+from .runtimes.timing import compare, interleaved_ms
+from .validate import compare_runs
+
+#: Adjustment rounds after the first plan (each builds and measures a model).
+TIME_ROUNDS = 4
+ERROR_ROUNDS = 5
+#: Timing blocks when judging a plan (the report's own measurement uses REPORT_BLOCKS).
+PLAN_BLOCKS = 12
+REPORT_BLOCKS = 20
+REPORT_BLOCK_SECONDS = 0.02
+#: Ask for this much more saving than needed: the measurement has spread.
+TIME_MARGIN = 1.03
+#: The error bound changes at most this factor per round (an error of 0 says little).
+MAX_STEP = 16.0
+#: An error plan this close under the budget is good enough to stop at.
+ERROR_CLOSE = 0.85
+
+
+def measure_latency(original: onnx.ModelProto, optimized: onnx.ModelProto, feed: Dict[str, np.ndarray],
+                    config: OptimizeConfig, what: str) -> Dict:
+    """model.latency of the report: both models side by side on the configured runtime."""
+    runner = get_runner(config.runtime, config.level)
+    before = runner.load(with_input_shapes(original, feed), config.threads, what=what)
+    after = runner.load(with_input_shapes(optimized, feed), config.threads, what=f"optimized {what}")
+    result = compare(lambda: before.run(feed), lambda: after.run(feed), blocks=REPORT_BLOCKS,
+                     block_seconds=REPORT_BLOCK_SECONDS)
+    return {"runtime": runner.name, "runtime_detail": runner.describe(), "threads": config.threads, **result}
+
+
+@dataclasses.dataclass
+class Chooser:
+    """Runs steps 1-3 of the module doc for one optimize call."""
+
+    original: onnx.ModelProto
+    config: OptimizeConfig
+    calib: object  # Calibration or None
+    feed: Dict[str, np.ndarray]  # one input (batch 1): shapes, timing
+    validation_feeds: Callable
+    what: str
+    progress: Callable
+
+    def __post_init__(self):
+        self.method = self.config.resolved_method(self.calib is not None)
+        self.runner = get_runner(self.config.runtime, self.config.level)
+        self.runtime = f"{self.runner.describe()}, {self.config.threads} thread(s)"
+
+    def choose(self) -> Tuple[Decomposed, Dict]:
+        """The decomposed model and the report's model.selection."""
+        options = self.layer_options()
+        kind, value = self.config.budget
+        if kind == "max_error":
+            result, rounds, met = self._for_error(options, value)
+        else:
+            decisions, rounds, met = self._for_time(options, kind, value)
+            result = self._build(decisions, calibrated=True)
+        keep_total = sum(o.keep_ms for o in options)
+        chosen = [e for e in result.layers if e.get("latency_before_ms") is not None]
+        selection = {"budget": {kind: value}, "met": met, "runtime": self.runtime,
+                     "layers_ms_before": keep_total,
+                     "layers_ms_after": sum(e["latency_after_ms"] for e in chosen),
+                     "rounds": rounds}
+        return result, selection
+
+    # step 1 ---------------------------------------------------------------
+    def layer_options(self) -> List[LayerOptions]:
+        prep = prepare(self.original, self.method, self.what)
+        cands = prep.candidates
+        shapes = tensor_shapes(prep.model, self.feed, [l.node.inputs[0].name for l in cands], what=self.what)
+        cache = LatencyCache()
+        times = {}
+        for layer in self.progress(cands, f"timing layers on {self.runtime}", len(cands)):
+            geo = geometry(layer, shapes[layer.node.inputs[0].name])
+            times[layer.name] = time_options(layer, geo, self.runner, self.config.threads, cache)
+        fit = held = {}
+        if self.calib is not None:
+            capture = Capture(prep.model, None, [CaptureSpec.of(l) for l in cands],
+                              self.config.positions_per_image, self.config.seed, what=self.what)
+            fit, held = capture.new_stats(), capture.new_stats()
+            for feed in self.progress(self.calib.fit.batches(), "errors per rank: fit data", None):
+                capture.add(feed, fit)
+            for feed in self.progress(self.calib.holdout.batches(), "errors per rank: held-out data", None):
+                capture.add(feed, held)
+        options = []
+        with threadpool_limits(limits=1, user_api="blas"):
+            for layer in self.progress(cands, f"errors per rank ({self.method})", len(cands)):
+                keep_ms, by_rank = times[layer.name]
+                errors = option_errors(layer, self.method, sorted(by_rank), fit.get(layer.name),
+                                       held.get(layer.name))
+                options.append(LayerOptions(layer.name, keep_ms, by_rank, errors))
+        return options
+
+    # step 3, time ---------------------------------------------------------
+    def _for_time(self, options, kind, value) -> Tuple[Dict[str, Decision], List[Dict], bool]:
+        """Search the saving asked of the layers (ms): the smallest that meets the target
+        (least error), by extrapolation from the measured saving, inside a bracket."""
+        before_ms = self._reference_ms()
+        keep_total = sum(o.keep_ms for o in options)
+        limit = _ranks(fastest(options, self.runtime))
+        efficiency, rounds, tried = 1.0, [], {}
+        failed = met_at = None  # largest saving that missed, smallest that met
+        best = None
+        for _ in range(TIME_ROUNDS):
+            target_ms = before_ms / value if kind == "target_speedup" else value
+            need = _inside((before_ms - target_ms) * TIME_MARGIN / efficiency, failed, met_at)
+            decisions = decide(options, conv_ms=keep_total - need, runtime=self.runtime)
+            key = _ranks(decisions)
+            if key in tried and rounds:
+                break
+            m = tried[key] = self._measure(self._build(decisions, calibrated=False).model)
+            met = m["speedup"] >= value if kind == "target_speedup" else m["after_ms"] <= value
+            rounds.append({"planned_saving_ms": need, "predicted_layers_ms": predicted_ms(decisions),
+                           "before_ms": m["before_ms"], "after_ms": m["after_ms"], "speedup": m["speedup"],
+                           "met": met})
+            if met:
+                met_at = need if met_at is None else min(met_at, need)
+                if best is None or need < best[0]:
+                    best = (need, decisions)
+            else:
+                failed = need if failed is None else max(failed, need)
+                if key == limit:
+                    break  # the fastest plan misses: nothing more to try
+            saved, predicted = m["before_ms"] - m["after_ms"], keep_total - predicted_ms(decisions)
+            efficiency = min(max(saved / predicted, 0.05), 2.0) if predicted > 0 else 1.0
+            before_ms = m["before_ms"]
+            close = m["speedup"] <= value * 1.1 if kind == "target_speedup" else m["after_ms"] * 1.1 >= value
+            if met and close:
+                break  # met with less than 10% to spare: more rounds would gain little
+        if best is not None:
+            return best[1], rounds, True
+        return fastest(options, self.runtime), rounds, False
+
+    # step 3, error --------------------------------------------------------
+    def _for_error(self, options, limit_error) -> Tuple[Decomposed, List[Dict], bool]:
+        """Search the bound on the sum of squared layer errors: the largest that keeps the
+        model's error within the limit (fastest), by extrapolation inside a bracket."""
+        names, reference = self._outputs(self.original)
+        proxy, rounds, tried = limit_error ** 2, [], {}
+        met_at, failed = 0.0, None  # largest bound that met, smallest that missed
+        best: Optional[Tuple[float, Decomposed]] = None
+        limit = _ranks(fastest(options, self.runtime))
+        for _ in range(3 * ERROR_ROUNDS):
+            if len(rounds) == ERROR_ROUNDS:
+                break
+            decisions = decide(options, error_proxy=proxy, runtime=self.runtime)
+            key = _ranks(decisions)
+            if key in tried:  # a plan already built: its outcome narrows the bracket
+                if tried[key]:
+                    met_at = max(met_at, proxy)
+                else:
+                    failed = proxy if failed is None else min(failed, proxy)
+                if failed is not None and failed / met_at < 1.05:
+                    break
+                proxy = proxy * MAX_STEP if failed is None else float(np.sqrt(met_at * failed))
+                continue
+            result = self._build(decisions, calibrated=True)
+            _, outputs = self._outputs(result.model)
+            validation = compare_runs(names, reference, outputs)
+            err = max(o["rel_error"] for o in validation["outputs"].values())
+            ms = predicted_ms(decisions)
+            met = err <= limit_error
+            rounds.append({"error_proxy": proxy, "predicted_layers_ms": ms, "rel_error": err, "met": met})
+            tried[key] = met
+            if met:
+                met_at = max(met_at, proxy)
+                if best is None or ms < best[0]:
+                    best = (ms, result)
+                if err >= ERROR_CLOSE * limit_error or key == limit:
+                    break
+            else:
+                failed = proxy if failed is None else min(failed, proxy)
+            step = min(max((limit_error / max(err, 1e-12)) ** 2, 1 / MAX_STEP), MAX_STEP)
+            proxy = _inside(proxy * step, met_at, failed, geometric=True)
+        if best is None:  # nothing met it: keep every conv (error 0)
+            keep_all = decide(options, error_proxy=0.0, runtime=self.runtime)
+            return self._build(keep_all, calibrated=True), rounds, False
+        return best[1], rounds, True
+
+    # helpers ----------------------------------------------------------------
+    def _build(self, decisions, calibrated: bool) -> Decomposed:
+        if calibrated:
+            return decompose_model(self.original, self.config, self.feed, calibration=self.calib, what=self.what,
+                                   progress=self.progress, decisions=decisions)
+        structure_only = dataclasses.replace(self.config, method="nd")
+        return decompose_model(self.original, structure_only, self.feed, what=self.what, decisions=decisions)
+
+    def _load(self, model, what):
+        return self.runner.load(with_input_shapes(model, self.feed), self.config.threads, what=what)
+
+    def _reference_ms(self) -> float:
+        """Median ms of the original model alone."""
+        self._reference = self._load(self.original, self.what)
+        run = lambda: self._reference.run(self.feed)  # noqa: E731
+        return float(np.median(interleaved_ms({"original": run}, PLAN_BLOCKS)["original"]))
+
+    def _measure(self, model) -> Dict:
+        """The candidate model side by side with the original (runtimes/timing.compare)."""
+        after = self._load(model, f"candidate for {self.what}")
+        return compare(lambda: self._reference.run(self.feed), lambda: after.run(self.feed), blocks=PLAN_BLOCKS)
+
+    def _outputs(self, model):
+        session = make_session(model, what=self.what)
+        names = [o.name for o in session.get_outputs()]
+        return names, run_batches(session, self.validation_feeds(), names, what=self.what)
+
+
+def _ranks(decisions: Dict[str, Decision]) -> tuple:
+    return tuple(sorted((name, d.rank or 0, d.graph_form or "") for name, d in decisions.items()))
+
+
+def _inside(guess: float, low: Optional[float], high: Optional[float], geometric: bool = False) -> float:
+    """guess if strictly inside the bracket (low, high) (None: open), else its midpoint;
+    with one side open, a step of 2x away from the known side."""
+    if (low is None or guess > low) and (high is None or guess < high):
+        return guess
+    if low is not None and high is not None:
+        return float(np.sqrt(low * high)) if geometric else (low + high) / 2
+    return low * 2 if low is not None else high / 2
