@@ -110,6 +110,7 @@ def main() -> None:
                            blocks=args.blocks)
             result["seconds"] = round(time.perf_counter() - started, 1)
             result["before"], result["after"] = _portable(before), _portable(after)
+            result["command"] = " ".join(["python", "benchmarks/runtimes.py"] + sys.argv[1:])
             old = stored["pairs"].get(name)
             if old is not None:  # keep the rows of runtimes and thread counts not run this time
                 ran = {(r["runtime"], r["threads"]) for r in result["rows"]}
