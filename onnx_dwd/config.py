@@ -8,6 +8,7 @@ from typing import Mapping, Optional, Tuple
 
 from .calib import Preprocess
 from .errors import OptionError
+from .runtimes.base import parse_runtimes
 
 #: Fitting methods (see fit/): refit (ours, the default with calibration data),
 #: dwd-comp (paper Algorithm 2), dwd (paper Algorithm 1), nd (data-free
@@ -137,6 +138,8 @@ class OptimizeConfig:
             raise OptionError(f"--latency-budget must be positive (milliseconds), got {self.latency_budget_ms}")
         if self.level not in RUNTIME_LEVELS:
             raise OptionError(f"--level {self.level!r} is not known; choose one of {', '.join(RUNTIME_LEVELS)}")
+        if len(parse_runtimes(self.runtime)) != 1:
+            raise OptionError(f"--runtime {self.runtime!r}: optimize targets one runtime")
         if not isinstance(self.threads, int) or self.threads < 1:
             raise OptionError(f"--threads must be a positive integer, got {self.threads!r}")
         if self.method is not None and self.method not in METHODS:

@@ -146,17 +146,3 @@ def export_graph(graph, like: onnx.ModelProto, do_type_check: bool = True) -> on
     del model.metadata_props[:]
     model.metadata_props.extend(like.metadata_props)
     return model
-
-
-def with_input_shapes(model: onnx.ModelProto, feed) -> onnx.ModelProto:
-    """A copy of model whose graph inputs have the static shapes of feed's arrays
-    (runtimes that convert the model need them; the written model keeps its own)."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    for inp in fixed.graph.input:
-        if inp.name in feed:
-            dims = inp.type.tensor_type.shape.dim
-            del dims[:]
-            for d in feed[inp.name].shape:
-                dims.add().dim_value = int(d)
-    return fixed

@@ -115,7 +115,7 @@ def test_config_budgets_are_exclusive_and_checked():
     with pytest.raises(OptionError, match="at most one budget"):
         OptimizeConfig(max_error=0.1, latency_budget_ms=3)
     for bad in ({"target_speedup": 1.0}, {"max_error": 0}, {"latency_budget_ms": -1}, {"threads": 0},
-                {"level": "max"}):
+                {"level": "max"}, {"runtime": "tvm"}, {"runtime": "ort,mnn"}):
         with pytest.raises(OptionError):
             OptimizeConfig(**bad)
     assert OptimizeConfig().budget == ("max_error", DEFAULT_MAX_ERROR) and OptimizeConfig().selects
