@@ -71,14 +71,16 @@ def useful_options(layer: LayerChoices) -> List[Option]:
 BINS = 4000
 
 
-def _solve(tables: List[List[Tuple[float, float, Optional[Option]]]], budget: float, spend) -> List[int]:
+def _solve(tables: List[List[Tuple[float, float, Optional[Option]]]], budget: float, spend,
+           round_up: bool = False) -> List[int]:
     """Multiple-choice knapsack by dynamic programming.
 
     tables: per layer, candidates (ms, squared error, option). spend(candidate)
     is what the budget limits (ms or squared error); the other one is minimised.
     Costs are rounded down to multiples of budget / BINS, so no plan that fits
-    is excluded; the caller checks the true total. Returns the chosen index per
-    layer, or [] if nothing fits.
+    is excluded; the caller checks the true total. With round_up, every plan
+    found fits for sure (some that fit may be missed). Returns the chosen index
+    per layer, or [] if nothing fits.
     """
     unit = budget / BINS
     best = np.full(BINS + 1, np.inf)  # best[b]: least objective with at most b units spent
@@ -89,7 +91,8 @@ def _solve(tables: List[List[Tuple[float, float, Optional[Option]]]], budget: fl
         new = np.full(BINS + 1, np.inf)
         pick = np.full(BINS + 1, -1)
         for j, cand in enumerate(table):
-            cost = int(spend(cand) // unit) if unit > 0 else (0 if spend(cand) == 0 else BINS + 1)
+            units = spend(cand) / unit if unit > 0 else (0 if spend(cand) == 0 else BINS + 1)
+            cost = int(np.ceil(units - 1e-9)) if round_up else int(units)
             if cost > BINS:
                 continue
             gain = cand[1] if spend is _ms else cand[0]
@@ -106,7 +109,8 @@ def _solve(tables: List[List[Tuple[float, float, Optional[Option]]]], budget: fl
     for table, pick in zip(reversed(tables), reversed(choices)):  # walk back
         j = int(pick[end])
         picked.append(j)
-        end -= int(spend(table[j]) // unit) if unit > 0 else 0
+        units = spend(table[j]) / unit if unit > 0 else 0
+        end -= int(np.ceil(units - 1e-9)) if round_up else int(units)
     return list(reversed(picked))
 
 
@@ -134,8 +138,8 @@ def plan(layers: Sequence[LayerChoices], *, target_ms: Optional[float] = None,
         if not picked or sum(spend(t[j]) for t, j in zip(tables, picked)) <= limit * (1 + 1e-12):
             break
         budget -= sum(spend(t[j]) for t, j in zip(tables, picked)) - limit
-    else:
-        picked = []
+    else:  # still over after tightening: solve with costs rounded up, which always fits
+        picked = _solve(tables, limit, spend, round_up=True) if limit > 0 or spend is _err else []
     if not picked:  # nothing fits: the fastest plan allowed (time budget) or keep everything (error budget)
         picked = [min(range(len(t)), key=lambda j: t[j][0]) if spend is _ms else 0 for t in tables]
     chosen = [t[j] for t, j in zip(tables, picked)]

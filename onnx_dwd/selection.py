@@ -9,11 +9,12 @@
    - an error budget (--max-error E) becomes a bound on the sum of squared
      layer errors, first E^2.
 3. The whole model is built and measured, and the budget adjusted:
-   - time: the speed-up is measured side by side with the original; if it
-     falls short, the layers are asked to save more by the ratio of the
-     saving predicted to the saving measured (isolated layer times do not add
-     up exactly). The structure decides the time, not the weights, so these
-     rounds build data-free models; the calibrated fit runs once at the end;
+   - time: the speed-up is measured side by side with the original, and the
+     share of the layers' time the plan may keep is searched (isolated layer
+     times do not add up to the model's, and only ratios measured together
+     are trusted; see _for_time). The structure decides the time, not the
+     weights, so these rounds build data-free models; the calibrated fit
+     runs once at the end;
    - error: the model's output error on the held-out data is measured; the
      bound is scaled by (E / measured)^2, tighter when over, looser when well
      under, keeping the fastest model that met E.
@@ -39,7 +40,7 @@ from .runtimes.timing import compare, interleaved_ms
 from .validate import compare_runs
 
 #: Adjustment rounds after the first plan (each builds and measures a model).
-TIME_ROUNDS = 4
+TIME_ROUNDS = 5
 ERROR_ROUNDS = 5
 #: Timing blocks when judging a plan (the report's own measurement uses REPORT_BLOCKS).
 PLAN_BLOCKS = 12
@@ -60,7 +61,7 @@ def measure_latency(original: onnx.ModelProto, optimized: onnx.ModelProto, feed:
     runner = get_runner(config.runtime, config.level)
     before = runner.load(_static(original, feed), config.threads, what=what)
     after = runner.load(_static(optimized, feed), config.threads, what=f"optimized {what}")
-    result = compare(lambda: before.run(feed), lambda: after.run(feed), blocks=REPORT_BLOCKS,
+    result = compare(before.bind(feed), after.bind(feed), blocks=REPORT_BLOCKS,
                      block_seconds=REPORT_BLOCK_SECONDS)
     return {"runtime": runner.name, "runtime_detail": runner.describe(), "threads": config.threads, **result}
 
@@ -129,38 +130,49 @@ class Chooser:
 
     # step 3, time ---------------------------------------------------------
     def _for_time(self, options, kind, value) -> Tuple[Dict[str, Decision], List[Dict], bool]:
-        """Search the saving asked of the layers (ms): the smallest that meets the target
-        (least error), by extrapolation from the measured saving, inside a bracket."""
-        before_ms = self._reference_ms()
+        """Search q, the fraction of their time the layers may keep: the largest (least error)
+        whose model meets the target, inside a bracket.
+
+        Only ratios measured side by side are trusted (the cached layer times and
+        the whole model's time may come from moments of different load): each
+        measured speed-up s of a plan that keeps q' of the layer time gives the
+        share phi of the model's time that those layers behave as, from
+        s = 1 / (1 - phi (1 - q')), and the next q aims at the target with it.
+        """
         keep_total = sum(o.keep_ms for o in options)
+        before_ms = self._reference_ms()
+        phi = min(max(keep_total / before_ms, 0.2), 0.9)  # first guess; measured from the first round on
         limit = _ranks(fastest(options, self.runtime))
-        efficiency, rounds, tried = 1.0, [], {}
-        failed = met_at = None  # largest saving that missed, smallest that met
+        rounds, tried = [], {}
+        met_q, failed_q = None, 1.0  # largest q that met, smallest that missed (keeping all never meets)
         best = None
         for _ in range(TIME_ROUNDS):
-            target_ms = before_ms / value if kind == "target_speedup" else value
-            need = _inside((before_ms - target_ms) * TIME_MARGIN / efficiency, failed, met_at)
-            decisions = decide(options, conv_ms=keep_total - need, runtime=self.runtime)
+            speedup = value if kind == "target_speedup" else before_ms / value
+            if speedup <= 1:  # a latency budget the original already meets
+                return decide(options, error_proxy=0.0, runtime=self.runtime), rounds, True
+            guess = 1 - (1 - 1 / (speedup * TIME_MARGIN)) / phi
+            q = _inside(min(max(guess, 0.0), 1.0), met_q, failed_q)
+            decisions = decide(options, conv_ms=keep_total * q, runtime=self.runtime)
             key = _ranks(decisions)
-            if key in tried and rounds:
+            if key in tried:  # no new plan in the bracket
                 break
             m = tried[key] = self._measure(self._build(decisions, calibrated=False).model)
             # a margin: the report's own measurement, later, has its spread too
             met = m["speedup"] >= value * TIME_MARGIN if kind == "target_speedup" \
                 else m["after_ms"] * TIME_MARGIN <= value
-            rounds.append({"planned_saving_ms": need, "predicted_layers_ms": predicted_ms(decisions),
-                           "before_ms": m["before_ms"], "after_ms": m["after_ms"], "speedup": m["speedup"],
-                           "met": met})
+            kept = predicted_ms(decisions) / keep_total  # the fraction the plan really keeps
+            rounds.append({"layer_time_kept": q, "planned_layer_time_kept": kept, "before_ms": m["before_ms"],
+                           "after_ms": m["after_ms"], "speedup": m["speedup"], "met": met})
             if met:
-                met_at = need if met_at is None else min(met_at, need)
-                if best is None or need < best[0]:
-                    best = (need, decisions)
+                met_q = q if met_q is None else max(met_q, q)
+                if best is None or q > best[0]:
+                    best = (q, decisions)
             else:
-                failed = need if failed is None else max(failed, need)
+                failed_q = min(failed_q, q)
                 if key == limit:
                     break  # the fastest plan misses: nothing more to try
-            saved, predicted = m["before_ms"] - m["after_ms"], keep_total - predicted_ms(decisions)
-            efficiency = min(max(saved / predicted, 0.05), 2.0) if predicted > 0 else 1.0
+            if kept < 1 and m["speedup"] > 0:
+                phi = min(max((1 - 1 / m["speedup"]) / (1 - kept), 0.05), 1.0)
             before_ms = m["before_ms"]
             close = m["speedup"] <= value * 1.1 if kind == "target_speedup" else m["after_ms"] * 1.1 >= value
             if met and close:
@@ -229,13 +241,12 @@ class Chooser:
     def _reference_ms(self) -> float:
         """Median ms of the original model alone."""
         self._reference = self._load(self.original, self.what)
-        run = lambda: self._reference.run(self.feed)  # noqa: E731
-        return float(np.median(interleaved_ms({"original": run}, PLAN_BLOCKS)["original"]))
+        return float(np.median(interleaved_ms({"original": self._reference.bind(self.feed)}, PLAN_BLOCKS)["original"]))
 
     def _measure(self, model) -> Dict:
         """The candidate model side by side with the original (runtimes/timing.compare)."""
         after = self._load(model, f"candidate for {self.what}")
-        return compare(lambda: self._reference.run(self.feed), lambda: after.run(self.feed), blocks=PLAN_BLOCKS)
+        return compare(self._reference.bind(self.feed), after.bind(self.feed), blocks=PLAN_BLOCKS)
 
     def _outputs(self, model):
         session = make_session(model, what=self.what)

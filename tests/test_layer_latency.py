@@ -31,7 +31,7 @@ def test_cache_measures_each_key_once_and_persists(tmp_path, monkeypatch):
     again = ll.LatencyCache(tmp_path / "lat.json")
     assert ll.layer_latency(GEO, "sum", rank=2, cache=again) == 1.5 and len(calls) == 3
     keys = set(again._data)
-    assert len(keys) == 3 and all(k.startswith("ort|all|") for k in keys)
+    assert len(keys) == 3 and all(k.startswith("v2|ort|all|") for k in keys)
 
 
 def test_damaged_cache_file_is_ignored(tmp_path):

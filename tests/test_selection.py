@@ -74,7 +74,7 @@ def test_time_options_stop_at_the_first_rank_not_faster(fake_latency):
     keep, times = planner.time_options(l, geo, runner=None, threads=1, cache=None)
     # original 16*16*9*100 = 230k MACs; rank K costs K*16*(9+16)*100 = 40k*K, x1.2 for K > 1
     assert keep == pytest.approx(0.5 + 23.04)
-    assert sorted(times) == [1, 2, 3, 4]  # rank 5: 1.2 * 200k = 240k MACs, slower than the original
+    assert sorted(times) == [1, 2, 3]  # rank 4: 1.2 * 160k MACs is 84% of the original: under MIN_GAIN
     assert times[1][0] == "multiplier" and all(f == "sum" for f, _ in list(times.values())[1:])
     assert all(ms < keep for _, ms in times.values())
 
@@ -139,12 +139,12 @@ def _fake_measure(monkeypatch, feed_of):
 def test_error_budget_is_met_on_held_out_data_and_reported(model_and_feeds, tmp_path, fake_latency):
     folder, feeds = model_and_feeds
     report = optimize(folder / "m.onnx", tmp_path / "o.onnx",
-                      OptimizeConfig(max_error=0.3, measure_latency=False), calibration=feeds)
+                      OptimizeConfig(max_error=0.4, measure_latency=False), calibration=feeds)
     m = report["model"]
     err = m["validation"]["outputs"]["y"]["rel_error"]
-    assert m["selection"]["met"] and err <= 0.3 and any(r["met"] for r in m["selection"]["rounds"])
-    # random 4-8 channel layers: no rank below 9 fits them within 5%, so 0.3 is what decomposes some
-    assert m["decomposed"] >= 1 and report["config"]["budget"] == {"max_error": 0.3}
+    assert m["selection"]["met"] and err <= 0.4 and any(r["met"] for r in m["selection"]["rounds"])
+    # random 4-8 channel layers: no rank faster by MIN_GAIN fits them within 30%, so 0.4 decomposes some
+    assert m["decomposed"] >= 1 and report["config"]["budget"] == {"max_error": 0.4}
     for e in report["layers"]:
         assert e["latency_after_ms"] <= e["latency_before_ms"]
         if e["decomposed"]:
