@@ -3,10 +3,12 @@
     python benchmarks/real_models_eval.py --json benchmarks/results/real_eval.json \\
         [--models yolov8n,open-nsfw,mnist,efficientnet-lite0,mtcnn-pnet,mtcnn-rnet,mtcnn-onet] \\
         [--settings nd@r1,dwd@r1,dwd-comp@r1,refit@r1,channel@r1] [--append]
+    python benchmarks/real_models_eval.py --show benchmarks/results/real_eval.json   # Markdown tables
 
-A setting is METHOD@rK (`--method METHOD --rank K`) or METHOD@xS
-(`--method METHOD --target-speedup S`, the budgeted selection, once it has
-landed); any other flags for every run go after `--`. With --append the rows
+A setting is METHOD@rK (`--method METHOD --rank K`), METHOD@xS
+(`--method METHOD --target-speedup S`) or METHOD@eE (`--method METHOD
+--max-error E`), the last two the budgeted per-layer selection; any other
+flags for every run go after `--`. With --append the rows
 are merged into an existing JSON (same model and setting: replaced), so
 budget rows can be added later by re-running with only those settings.
 
@@ -107,13 +109,16 @@ SPECS: Dict[str, Spec] = {
 
 
 def setting_flags(setting: str) -> List[str]:
-    """nd@r1 -> --method nd --rank 1; refit@x1.5 -> --method refit --target-speedup 1.5."""
+    """nd@r1 -> --method nd --rank 1; refit@x1.5 -> --target-speedup 1.5; refit@e0.05 -> --max-error 0.05."""
     method, _, arg = setting.partition("@")
     if arg.startswith("r"):
         return ["--method", method, "--rank", arg[1:]]
     if arg.startswith("x"):
         return ["--method", method, "--target-speedup", arg[1:]]
-    raise SystemExit(f"setting {setting!r}: write METHOD@rK (rank) or METHOD@xS (target speed-up)")
+    if arg.startswith("e"):
+        return ["--method", method, "--max-error", arg[1:]]
+    raise SystemExit(f"setting {setting!r}: write METHOD@rK (rank), METHOD@xS (target speed-up) "
+                     f"or METHOD@eE (max output error)")
 
 
 # ---------------------------------------------------------------- running models
@@ -347,7 +352,54 @@ def _cpu() -> float:
     return t.children_user + t.children_system
 
 
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def quality(row: dict) -> str:
+    """The accuracy columns of a row, per model kind."""
+    kind = SPECS[row["model"]].kind
+    if kind == "detector":
+        return (f"recall {_pct(row['recall'])}, precision {_pct(row['precision'])} "
+                f"({row['matched']}/{row['boxes_original']} boxes; optimized finds {row['boxes_optimized']})")
+    if kind == "binary":
+        return (f"agreement {_pct(row['agreement'])}, mean / max abs. prob. error "
+                f"{row['prob_abs_error_mean']:.4f} / {row['prob_abs_error_max']:.3f}")
+    if kind == "classifier":
+        acc = f"accuracy {_pct(row['accuracy'])} of {row['labelled']} labelled, " if "accuracy" in row else ""
+        return acc + f"top-1 agreement {_pct(row['top1_agreement'])}"
+    acc = f"face accuracy {_pct(row['accuracy'])}, " if "accuracy" in row else ""
+    return (acc + f"decision agreement {_pct(row['face_decision_agreement'])}, "
+            f"mean abs. prob. error {row['face_prob_abs_error_mean']:.3f}")
+
+
+def markdown(result: dict) -> str:
+    """One table per model: setting, MACs, speed-up (IQR), accuracy, output error, optimize time."""
+    out = []
+    models = list(dict.fromkeys(r["model"] for r in result["rows"]))
+    for model in models:
+        rows = [r for r in result["rows"] if r["model"] == model]
+        out += [f"**{model}** ({rows[0]['test_images']} test images)", "",
+                "| setting | conv MACs | speed-up, 1 thread (IQR) | vs original | output rel. error | optimize s |",
+                "|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["setting"] == "original":
+                out.append(f"| original | | | {quality(r)} | | |")
+            elif "error" in r:
+                out.append(f"| {r['setting']} | failed | | {r['error'].splitlines()[-1][:120]} | | |")
+            else:
+                errs = ", ".join(f"{v:.3f}" for v in r["output_rel_error"].values())
+                lo, hi = r["speedup_iqr"]
+                out.append(f"| {r['setting']} | /{r['mac_reduction']:.2f} | {r['speedup']:.2f}x ({lo:.2f}-{hi:.2f}) | "
+                           f"{quality(r)} | {errs} | {r['optimize_s']:.0f} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--show":  # print the Markdown tables of a result JSON
+        print(markdown(json.loads(Path(sys.argv[2]).read_text())))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS))

@@ -1,6 +1,7 @@
 """The paper's whole-model experiment (He et al., Table 3) in miniature, on Fashion-MNIST.
 
     nice -n 10 python benchmarks/table3.py --seeds 0,1,2 --json benchmarks/results/table3.json
+    python benchmarks/table3.py --show benchmarks/results/table3.json     # the Markdown table
 
 Per seed:
   1. train ShuffleNet V2 0.5x (benchmarks/shufflenet.py, 28x28 adaptation)
@@ -227,7 +228,35 @@ def summarize(per_seed: list) -> dict:
     return out
 
 
+LABELS = {
+    "folded": "folded ShuffleNet V2 (regular 3x3 convs), from scratch",
+    "original": "ShuffleNet V2, from scratch",
+    "original+ft": "ShuffleNet V2, from scratch + the fine-tune epochs",
+    "channel": "channel decomposition of folded (Zhang et al.), no fine-tune",
+    "channel+ft": "channel decomposition, fine-tuned",
+    "dwd-comp": "DWD with compensation (paper Alg. 2 + inter-layer), no fine-tune",
+    "dwd-comp+ft": "DWD with compensation, fine-tuned",
+    "refit": "refit (ours), no fine-tune",
+    "refit+ft": "refit (ours), fine-tuned",
+}
+
+
+def markdown(result: dict) -> str:
+    """The table of a result JSON: top-1 error mean ± std over seeds, MACs, CPU seconds per row."""
+    seeds = len(result["seeds"])
+    lines = [f"| model | top-1 error, mean ± std ({seeds} seeds) | per seed | MACs | CPU s / seed |",
+             "|---|---|---|---|---|"]
+    for row, s in result["summary"].items():
+        per = ", ".join(f"{100 * e:.2f}" for e in s["per_seed"])
+        lines.append(f"| {LABELS.get(row, row)} | {100 * s['mean']:.2f}% ± {100 * s['std']:.2f} | {per} | "
+                     f"{s['macs'] / 1e6:.2f}M | {s['cpu_s_mean']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--show":  # print the Markdown table of a result JSON
+        print(markdown(json.loads(Path(sys.argv[2]).read_text())))
+        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--train-images", type=int, default=10000, help="random subset of the 60k training split")

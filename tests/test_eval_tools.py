@@ -41,6 +41,7 @@ def test_read_idx_reads_shape_and_payload(tmp_path):
 def test_settings_map_to_optimize_flags():
     assert rme.setting_flags("dwd-comp@r1") == ["--method", "dwd-comp", "--rank", "1"]
     assert rme.setting_flags("refit@x1.5") == ["--method", "refit", "--target-speedup", "1.5"]
+    assert rme.setting_flags("nd@e0.1") == ["--method", "nd", "--max-error", "0.1"]
     with pytest.raises(SystemExit):
         rme.setting_flags("refit")
 
