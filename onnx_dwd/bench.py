@@ -15,7 +15,6 @@ speed-up as the median of the per-block ratios.
 from __future__ import annotations
 
 import os
-import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -24,7 +23,7 @@ from .calib import random_feeds, resolve_input_specs
 from .errors import DwdError, OptionError
 from .modelio import load_model
 from .runtimes.base import Runner, get_runner, reference_outputs, with_static_inputs
-from .runtimes.ort import calls_per_block
+from .runtimes.timing import interleaved_ms, side_by_side
 from .validate import agreement
 
 #: Target length of one timed block (each model runs this long per block).
@@ -33,31 +32,6 @@ BLOCK_SECONDS = 0.05
 #: A runtime's outputs match onnxruntime's when every output's relative error
 #: |a - b| / |a| is within this.
 MATCH_REL_TOL = 1e-3
-
-
-def _quartiles(values: Sequence[float]) -> Tuple[float, float, float]:
-    q1, q2, q3 = np.percentile(values, [25, 50, 75])
-    return float(q1), float(q2), float(q3)
-
-
-def interleaved_ms(runs: Mapping[str, Callable[[], object]], blocks: int, warmup: int,
-                   block_seconds: float = BLOCK_SECONDS) -> Tuple[Dict[str, List[float]], Dict[str, int]]:
-    """ms per call of each run in each of `blocks` interleaved blocks (after `warmup` calls
-    and one discarded block), and the calls per block."""
-    for _ in range(warmup):
-        for run in runs.values():
-            run()
-    calls = {k: calls_per_block(run, block_seconds) for k, run in runs.items()}
-    names = list(runs)
-    times: Dict[str, List[float]] = {k: [] for k in names}
-    for block in range(blocks + 1):
-        for k in (names if block % 2 == 0 else names[::-1]):
-            started = time.perf_counter()
-            for _ in range(calls[k]):
-                runs[k]()
-            if block:  # the first block is warm-up too
-                times[k].append((time.perf_counter() - started) / calls[k] * 1e3)
-    return times, calls
 
 
 def _match(reference: List[np.ndarray], outputs: List[np.ndarray]) -> Dict[str, float]:
@@ -119,16 +93,11 @@ def bench(before: os.PathLike, after: os.PathLike, *, runtimes: Sequence[Union[s
             row["match"] = {k: _match(reference[k], outputs[k]) for k in loaded}
             row["match_ok"] = all(m["rel_error"] <= MATCH_REL_TOL for m in row["match"].values())
             log(f"{runner.name}, {n_threads} thread(s): timing")
-            times, calls = interleaved_ms({k: lm.bind(feed) for k, lm in loaded.items()}, blocks, warmup)
-            ratios = [b / a for b, a in zip(times["before"], times["after"])]
-            stats = {k: _quartiles(v) for k, v in times.items()}
-            r = _quartiles(ratios)
+            times, calls = interleaved_ms({k: lm.bind(feed) for k, lm in loaded.items()}, blocks, warmup,
+                                          BLOCK_SECONDS)
             pairs = list(zip(outputs["before"], outputs["after"]))
             row.update({
-                "before_ms": stats["before"][1], "after_ms": stats["after"][1],
-                "before_iqr_ms": [stats["before"][0], stats["before"][2]],
-                "after_iqr_ms": [stats["after"][0], stats["after"][2]],
-                "speedup": r[1], "speedup_iqr": [r[0], r[2]], "blocks": blocks, "calls_per_block": calls,
+                **side_by_side(times), "blocks": blocks, "calls_per_block": calls,
                 "output_rel_error": max((agreement(b, a)["rel_error"] for b, a in pairs if b.shape == a.shape),
                                         default=float("nan"))})
     return {"before": str(before), "after": str(after), "input_shapes": {k: list(v) for k, v in shapes.items()},

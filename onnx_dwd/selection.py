@@ -241,7 +241,8 @@ class Chooser:
     def _reference_ms(self) -> float:
         """Median ms of the original model alone."""
         self._reference = self._load(self.original, self.what)
-        return float(np.median(interleaved_ms({"original": self._reference.bind(self.feed)}, PLAN_BLOCKS)["original"]))
+        times, _ = interleaved_ms({"original": self._reference.bind(self.feed)}, PLAN_BLOCKS)
+        return float(np.median(times["original"]))
 
     def _measure(self, model) -> Dict:
         """The candidate model side by side with the original (runtimes/timing.compare)."""

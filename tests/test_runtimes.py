@@ -168,7 +168,7 @@ def test_layer_latency_on_runtime(name, runners, tmp_path):
     cache = ll.LatencyCache(tmp_path / "lat.json")
     assert ll.layer_latency(GEO, "original", runner=runner, cache=cache) > 0
     assert ll.layer_latency(GEO, "sum", rank=1, runner=runner, cache=cache) > 0
-    assert all(k.startswith(runner.cache_key() + "|") for k in cache._data)
+    assert all(k.startswith(f"{ll.CACHE_VERSION}|{runner.cache_key()}|") for k in cache._data)
 
 
 @pytest.mark.parametrize("name", OPTIONAL)

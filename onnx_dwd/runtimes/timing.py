@@ -21,8 +21,9 @@ def quartiles(values: Sequence[float]) -> Tuple[float, float, float]:
 
 
 def interleaved_ms(runs: Mapping[str, Callable[[], object]], blocks: int, warmup: int = 3,
-                   block_seconds: float = 0.05) -> Dict[str, List[float]]:
-    """ms per call of each run, per block: `blocks` interleaved blocks after warm-up."""
+                   block_seconds: float = 0.05) -> Tuple[Dict[str, List[float]], Dict[str, int]]:
+    """ms per call of each run in each of `blocks` interleaved blocks (after `warmup` calls
+    and one discarded block), and the calls per block."""
     for _ in range(warmup):
         for run in runs.values():
             run()
@@ -36,14 +37,20 @@ def interleaved_ms(runs: Mapping[str, Callable[[], object]], blocks: int, warmup
                 runs[k]()
             if block:  # the first block is warm-up too
                 times[k].append((time.perf_counter() - started) / calls[k] * 1e3)
-    return times
+    return times, calls
+
+
+def side_by_side(times: Mapping[str, Sequence[float]]) -> Dict:
+    """Medians and interquartile ranges of times["before"] and times["after"], and the
+    speed-up as the median of the per-block ratios."""
+    b, a = quartiles(times["before"]), quartiles(times["after"])
+    r = quartiles([x / y for x, y in zip(times["before"], times["after"])])
+    return {"before_ms": b[1], "after_ms": a[1], "before_iqr_ms": [b[0], b[2]], "after_iqr_ms": [a[0], a[2]],
+            "speedup": r[1], "speedup_iqr": [r[0], r[2]]}
 
 
 def compare(before: Callable[[], object], after: Callable[[], object], blocks: int = 20,
             block_seconds: float = 0.05) -> Dict:
     """Medians with interquartile ranges of both, and the speed-up as the median per-block ratio."""
-    times = interleaved_ms({"before": before, "after": after}, blocks, block_seconds=block_seconds)
-    b, a = quartiles(times["before"]), quartiles(times["after"])
-    r = quartiles([x / y for x, y in zip(times["before"], times["after"])])
-    return {"before_ms": b[1], "after_ms": a[1], "before_iqr_ms": [b[0], b[2]], "after_iqr_ms": [a[0], a[2]],
-            "speedup": r[1], "speedup_iqr": [r[0], r[2]], "blocks": blocks}
+    times, _ = interleaved_ms({"before": before, "after": after}, blocks, block_seconds=block_seconds)
+    return {**side_by_side(times), "blocks": blocks}
