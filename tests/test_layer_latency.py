@@ -1,6 +1,7 @@
 """Single-layer latency models and their cache (no timing assertions)."""
 
 import numpy as np
+import onnx
 import pytest
 
 from conftest import rel_error, run
@@ -15,6 +16,9 @@ def test_decomposed_layer_model_is_the_optimize_rewrite(form):
     (want,) = run(ll.single_conv_model(GEO), x)
     (got,) = run(ll.decomposed_conv_model(GEO, 9, form), x)  # full rank: the same function
     assert rel_error(want, got) < 1e-5
+    for model in (ll.single_conv_model(GEO), ll.decomposed_conv_model(GEO, 2, form)):
+        onnx.checker.check_model(model, full_check=True)
+    assert got.shape == (1, 12) + GEO.output_hw()
     ops = [n.op_type for n in ll.decomposed_conv_model(GEO, 2, form).graph.node]
     assert ops.count("Conv") >= 2
 

@@ -52,6 +52,12 @@ class ConvGeometry:
     height: int
     width: int
 
+    def output_hw(self) -> Tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
+        top, left, bottom, right = self.pads
+        return ((self.height + top + bottom - dh * (kh - 1) - 1) // sh + 1,
+                (self.width + left + right - dw * (kw - 1) - 1) // sw + 1)
+
     def key(self) -> str:
         return (f"c{self.in_channels}-n{self.out_channels}-k{self.kernel[0]}x{self.kernel[1]}"
                 f"-s{self.strides[0]}x{self.strides[1]}-p{'_'.join(map(str, self.pads))}"
@@ -59,7 +65,8 @@ class ConvGeometry:
 
 
 def single_conv_model(geo: ConvGeometry, seed: int = 0) -> onnx.ModelProto:
-    """A model holding one Conv of the given geometry, with random weights and a bias."""
+    """A model holding one Conv of the given geometry, with random weights and a bias
+    (it passes onnx.checker, so converters that check it accept it)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((geo.out_channels, geo.in_channels // geo.group) + tuple(geo.kernel)).astype(np.float32)
     b = rng.standard_normal(geo.out_channels).astype(np.float32)
@@ -68,7 +75,7 @@ def single_conv_model(geo: ConvGeometry, seed: int = 0) -> onnx.ModelProto:
                             group=geo.group)
     graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info(
         "x", TensorProto.FLOAT, [1, geo.in_channels, geo.height, geo.width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, geo.out_channels, *geo.output_hw()])],
         initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
