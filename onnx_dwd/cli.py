@@ -51,7 +51,8 @@ def optimize_options(fn):
         click.option("--latency-budget", "latency_budget_ms", type=float, default=None, metavar="MS",
                      help="Budget: the whole model must run within this many milliseconds on --runtime."),
         click.option("--runtime", default="ort", show_default=True,
-                     help="Where latency is measured (per layer for the choice, whole model for the report)."),
+                     help="Where latency is measured (per layer for the choice, whole model for the report): "
+                          "ort (onnxruntime CPU, or ort:LEVEL), litert, ncnn, mnn, openvino."),
         click.option("--level", type=click.Choice(RUNTIME_LEVELS), default="all", show_default=True,
                      help="onnxruntime graph optimisation level for --runtime ort (extended is the closer "
                           "stand-in for ARM runtimes)."),

@@ -89,14 +89,20 @@ def option_ranks(layer: ConvLayer) -> List[int]:
 
 
 def time_options(layer: ConvLayer, geo: ConvGeometry, runner: Runner, threads: int,
-                 cache: Optional[LatencyCache]) -> tuple:
-    """(keep_ms, {rank: (fastest form, ms)}) for the ranks at least MIN_GAIN faster than the original."""
+                 cache: Optional[LatencyCache], method: str = "refit") -> tuple:
+    """(keep_ms, {rank: (fastest form, ms)}) for the ranks at least MIN_GAIN faster than the original.
+    For method "channel", rank K stands for c' = channels_for_rank(K), timed as that baseline writes it."""
     keep_ms = layer_latency(geo, "original", threads=threads, runner=runner, cache=cache)
     times = {}
     for k in option_ranks(layer):
-        forms = {resolve_graph_form(f, k, layer.group) for f in (FORMS if layer.group == 1 else GROUPED_FORMS)}
-        timed = {f: layer_latency(geo, f, rank=k, threads=threads, runner=runner, cache=cache)
-                 for f in sorted(forms)}
+        if method == "channel":
+            channels = channels_for_rank(layer.out_channels, layer.in_channels, layer.kernel, k)
+            timed = {"channel": layer_latency(geo, "channel", rank=channels, threads=threads, runner=runner,
+                                              cache=cache)}
+        else:
+            forms = {resolve_graph_form(f, k, layer.group) for f in (FORMS if layer.group == 1 else GROUPED_FORMS)}
+            timed = {f: layer_latency(geo, f, rank=k, threads=threads, runner=runner, cache=cache)
+                     for f in sorted(forms)}
         form = min(timed, key=timed.get)
         if timed[form] > (1 - MIN_GAIN) * keep_ms:
             break  # higher ranks only cost more

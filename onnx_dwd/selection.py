@@ -109,7 +109,7 @@ class Chooser:
         times = {}
         for layer in self.progress(cands, f"timing layers on {self.runtime}", len(cands)):
             geo = geometry(layer, shapes[layer.node.inputs[0].name])
-            times[layer.name] = time_options(layer, geo, self.runner, self.config.threads, cache)
+            times[layer.name] = time_options(layer, geo, self.runner, self.config.threads, cache, self.method)
         fit = held = {}
         if self.calib is not None:
             capture = Capture(prep.model, None, [CaptureSpec.of(l) for l in cands],

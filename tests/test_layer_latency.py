@@ -51,3 +51,14 @@ def test_real_timing_runs(tmp_path):
     ms = ll.layer_latency(ll.ConvGeometry(4, 4, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 8, 8), "multiplier",
                           cache=ll.LatencyCache(tmp_path / "c.json"))
     assert ms > 0
+
+
+def test_channel_layer_model_has_the_baseline_structure():
+    model = ll.channel_conv_model(GEO, 5)
+    onnx.checker.check_model(model, full_check=True)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    weights = {t.name: t.dims for t in model.graph.initializer}
+    assert len(convs) == 2 and list(weights[convs[0].input[1]]) == [5, 8, 3, 3]
+    assert list(weights[convs[1].input[1]]) == [12, 5, 1, 1]
+    x = {"x": np.random.default_rng(1).standard_normal((1, 8, 15, 13)).astype(np.float32)}
+    assert run(model, x)[0].shape == (1, 12) + GEO.output_hw()

@@ -210,3 +210,17 @@ def test_real_timing_path_on_onnxruntime(model_and_feeds, tmp_path, monkeypatch)
 def test_budget_option_carries_rank_and_form():
     o = Option("rank 2", 1.0, 0.1, rank=2, form="sum")
     assert (o.rank, o.form) == (2, "sum")
+
+
+def test_channel_method_times_the_channel_form(fake_latency, monkeypatch):
+    """--method channel writes k x k -> c' -> 1x1, so that is what its options are timed as."""
+    seen = []
+    monkeypatch.setattr(planner, "layer_latency",
+                        lambda geo, form="original", *, rank=1, threads=1, runner=None, cache=None:
+                        seen.append((form, rank)) or (10.0 if form == "original" else 1.0 + rank / 10))
+    l = layer(np.random.default_rng(0).standard_normal((16, 16, 3, 3)).astype(np.float32))
+    keep, times = planner.time_options(l, planner.geometry(l, (1, 16, 10, 10)), None, 1, None, method="channel")
+    assert {f for f, _ in seen} == {"original", "channel"}
+    assert all(form == "channel" for form, _ in times.values())
+    from onnx_dwd.cost import channels_for_rank
+    assert [r for f, r in seen if f == "channel"][:2] == [channels_for_rank(16, 16, (3, 3), k) for k in (1, 2)]

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..fit import network_decoupling
 from ..modelio import export_graph
-from ..rewrite import replace_conv
+from ..rewrite import replace_conv, replace_conv_with_channel
 from ..select import classify_convs
 from .base import OrtRunner, Runner
 from .ort import calls_per_block
@@ -92,6 +92,19 @@ def decomposed_conv_model(geo: ConvGeometry, rank: int, graph_form: str) -> onnx
     return export_graph(graph, model)
 
 
+def channel_conv_model(geo: ConvGeometry, channels: int) -> onnx.ModelProto:
+    """The single-conv model as the channel baseline writes it: k x k conv to c' channels, then 1x1."""
+    model = single_conv_model(geo)
+    graph = gs.import_onnx(model)
+    (layer,) = classify_convs(graph)
+    rng = np.random.default_rng(1)
+    first = rng.standard_normal((channels, geo.in_channels) + tuple(geo.kernel)).astype(np.float32)
+    second = rng.standard_normal((geo.out_channels, channels, 1, 1)).astype(np.float32)
+    replace_conv_with_channel(graph, layer, first, second, layer.bias)
+    graph.cleanup().toposort()
+    return export_graph(graph, model)
+
+
 def time_model(model: onnx.ModelProto, runner: Runner, threads: int) -> float:
     """Median ms per call of the single-input model on runner over BLOCKS blocks after a warm-up."""
     loaded = runner.load(model, threads, what="layer model")
@@ -145,14 +158,19 @@ class LatencyCache:
 
 def layer_latency(geo: ConvGeometry, form: str = "original", *, rank: int = 1, threads: int = 1,
                   runner: Optional[Runner] = None, cache: Optional[LatencyCache] = None) -> float:
-    """ms per call of the layer: form "original", or a graph form of rank K (see rewrite.py),
-    on runner (default onnxruntime at level ALL)."""
+    """ms per call of the layer: form "original", a graph form of rank K (see rewrite.py), or
+    "channel" with rank = c' (the channel baseline), on runner (default onnxruntime at level ALL)."""
     runner = runner or OrtRunner()
     name = "original" if form == "original" else f"{form}@{rank}"
     key = LatencyCache.key(geo, name, threads, runner)
     if cache is not None and cache.get(key) is not None:
         return cache.get(key)
-    model = single_conv_model(geo) if form == "original" else decomposed_conv_model(geo, rank, form)
+    if form == "original":
+        model = single_conv_model(geo)
+    elif form == "channel":
+        model = channel_conv_model(geo, rank)
+    else:
+        model = decomposed_conv_model(geo, rank, form)
     ms = time_model(model, runner, threads)
     if cache is not None:
         cache.put(key, ms)
