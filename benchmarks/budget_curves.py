@@ -100,6 +100,19 @@ def plot(rows, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(rows) -> str:
+    """The rows as the Markdown table of RESULTS.md."""
+    out = ["| model | method | threads | target | bench speed-up [IQR] | output rel. error | top-1 agreement "
+           "| convs decomposed | met while choosing | optimize s |", "|" + "---|" * 10]
+    for r in rows:
+        top1 = "-" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.0f}%"
+        out.append(f"| {r['model']} | {r['method']} | {r['threads']} | {r['target']:g}x | "
+                   f"{r['bench_speedup']:.2f}x [{r['bench_speedup_iqr'][0]:.2f}-{r['bench_speedup_iqr'][1]:.2f}] | "
+                   f"{r['output_rel_error']:.4f} | {top1} | {r['decomposed']}/{r['convs']} | "
+                   f"{'yes' if r['met_while_choosing'] else 'no (fastest plan)'} | {r['optimize_seconds']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib", required=True)
@@ -110,9 +123,14 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--budgets", default="1.25,1.5,2,3")
     parser.add_argument("--plot-only", action="store_true", help="redraw --png from an existing --json")
+    parser.add_argument("--show", action="store_true", help="print the Markdown table of an existing --json")
     args = parser.parse_args()
-    if args.plot_only:
-        plot(json.loads(Path(args.json).read_text())["rows"], Path(args.png))
+    if args.plot_only or args.show:
+        rows = json.loads(Path(args.json).read_text())["rows"]
+        if args.png:
+            plot(rows, Path(args.png))
+        if args.show:
+            print(markdown(rows), end="")
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
