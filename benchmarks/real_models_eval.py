@@ -339,6 +339,9 @@ def evaluate_model(name: str, settings: List[str], extra: List[str], root: Path,
                "speedup": b["speedup"], "speedup_iqr": b["speedup_iqr"], "before_ms": b["before_ms"],
                "after_ms": b["after_ms"], "optimize_s": round(seconds, 1), "optimize_cpu_s": round(cpu_s, 1),
                "test_images": len(files), **m}
+        if report.get("selection"):  # a budgeted run: did the tool's own measurement meet the budget?
+            row["budget_met"] = report["selection"].get("met")
+            row["tool_speedup"] = (report.get("latency") or {}).get("speedup")
         rows.append(row)
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items() if k != "output_rel_error"}
         log(f"{name} {setting}: MACs /{row['mac_reduction']:.2f}, speed-up {b['speedup']:.2f}x, "
