@@ -393,7 +393,10 @@ def markdown(result: dict) -> str:
             else:
                 errs = ", ".join(f"{v:.3f}" for v in r["output_rel_error"].values())
                 lo, hi = r["speedup_iqr"]
-                out.append(f"| {r['setting']} | /{r['mac_reduction']:.2f} | {r['speedup']:.2f}x ({lo:.2f}-{hi:.2f}) | "
+                label = r["setting"]
+                if "budget_met" in r:  # the tool's own verdict on its budget, and the speed-up it measured
+                    label += f" ({'met' if r['budget_met'] else 'not met'}, tool {r['tool_speedup']:.2f}x)"
+                out.append(f"| {label} | /{r['mac_reduction']:.2f} | {r['speedup']:.2f}x ({lo:.2f}-{hi:.2f}) | "
                            f"{quality(r)} | {errs} | {r['optimize_s']:.0f} |")
         out.append("")
     return "\n".join(out)
