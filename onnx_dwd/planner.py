@@ -63,8 +63,9 @@ class LayerOptions:
 
     name: str
     keep_ms: float
-    times: Dict[int, tuple]  # rank -> (graph form, ms)
+    times: Dict[int, tuple]  # rank -> (graph form, ms), the ranks clearly faster alone
     errors: Dict[int, float]  # rank -> relative error
+    rank_one: Optional[tuple] = None  # (graph form, ms) at rank 1, faster alone or not
 
     def choices(self) -> LayerChoices:
         return LayerChoices(self.name, self.keep_ms, [
@@ -108,6 +109,16 @@ def time_options(layer: ConvLayer, geo: ConvGeometry, runner: Runner, threads: i
             break  # higher ranks only cost more
         times[k] = (form, timed[form])
     return keep_ms, times
+
+
+def rank_one_time(layer: ConvLayer, geo: ConvGeometry, runner: Runner, threads: int,
+                  cache: Optional[LatencyCache], method: str = "refit") -> tuple:
+    """(form, ms) of the layer at rank 1 (already timed by time_options, so cached)."""
+    if method == "channel":
+        channels = channels_for_rank(layer.out_channels, layer.in_channels, layer.kernel, 1)
+        return "channel", layer_latency(geo, "channel", rank=channels, threads=threads, runner=runner, cache=cache)
+    form = resolve_graph_form("auto", 1, layer.group)
+    return form, layer_latency(geo, form, rank=1, threads=threads, runner=runner, cache=cache)
 
 
 def option_errors(layer: ConvLayer, method: str, ranks: Sequence[int], fit: Optional[LayerStats],
@@ -155,6 +166,20 @@ def decide(options: Sequence[LayerOptions], *, conv_ms: Optional[float] = None,
 def fastest(options: Sequence[LayerOptions], runtime: str = "the runtime") -> Dict[str, Decision]:
     """Every layer at its fastest option (the most a time budget can get)."""
     return decide(options, conv_ms=1e-9, runtime=runtime)  # unreachable: the solver returns the fastest
+
+
+def every_layer_at_rank_one(options: Sequence[LayerOptions]) -> Dict[str, Decision]:
+    """Rank 1 wherever it is faster alone at all (not only by MIN_GAIN): close to what --rank 1
+    builds. In a whole model small gains can add up where the fastest plan keeps such layers,
+    so a time target that the fastest plan misses also tries this one."""
+    decisions = {}
+    for o in options:
+        if o.rank_one is None or o.rank_one[1] >= o.keep_ms:
+            decisions[o.name] = Decision(None, None, "no decomposed form is faster", o.keep_ms, o.keep_ms, 0.0)
+        else:
+            form, ms = o.rank_one
+            decisions[o.name] = Decision(1, form, None, o.keep_ms, ms, o.errors.get(1, float("nan")))
+    return decisions
 
 
 def predicted_ms(decisions: Mapping[str, Decision]) -> float:

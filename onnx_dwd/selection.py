@@ -32,7 +32,8 @@ from threadpoolctl import threadpool_limits
 from .capture import Capture, CaptureSpec, tensor_shapes
 from .config import OptimizeConfig
 from .decompose import Decomposed, decompose_model, prepare
-from .planner import Decision, LayerOptions, decide, fastest, geometry, option_errors, predicted_ms, time_options
+from .planner import (Decision, LayerOptions, decide, every_layer_at_rank_one, fastest, geometry, option_errors,
+                      predicted_ms, rank_one_time, time_options)
 from .runtimes import make_session, run_batches
 from .runtimes.base import get_runner, with_static_inputs
 from .runtimes.layer_latency import LatencyCache
@@ -106,10 +107,11 @@ class Chooser:
         cands = prep.candidates
         shapes = tensor_shapes(prep.model, self.feed, [l.node.inputs[0].name for l in cands], what=self.what)
         cache = LatencyCache()
-        times = {}
+        times, rank_one = {}, {}
         for layer in self.progress(cands, f"timing layers on {self.runtime}", len(cands)):
             geo = geometry(layer, shapes[layer.node.inputs[0].name])
             times[layer.name] = time_options(layer, geo, self.runner, self.config.threads, cache, self.method)
+            rank_one[layer.name] = rank_one_time(layer, geo, self.runner, self.config.threads, cache, self.method)
         fit = held = {}
         if self.calib is not None:
             capture = Capture(prep.model, None, [CaptureSpec.of(l) for l in cands],
@@ -123,9 +125,9 @@ class Chooser:
         with threadpool_limits(limits=1, user_api="blas"):
             for layer in self.progress(cands, f"errors per rank ({self.method})", len(cands)):
                 keep_ms, by_rank = times[layer.name]
-                errors = option_errors(layer, self.method, sorted(by_rank), fit.get(layer.name),
+                errors = option_errors(layer, self.method, sorted(set(by_rank) | {1}), fit.get(layer.name),
                                        held.get(layer.name))
-                options.append(LayerOptions(layer.name, keep_ms, by_rank, errors))
+                options.append(LayerOptions(layer.name, keep_ms, by_rank, errors, rank_one[layer.name]))
         return options
 
     # step 3, time ---------------------------------------------------------
@@ -179,7 +181,27 @@ class Chooser:
                 break  # met with less than 10% to spare: more rounds would gain little
         if best is not None:
             return best[1], rounds, True
-        return fastest(options, self.runtime), rounds, False
+        return self._fastest_measured(options, kind, value, tried, rounds)
+
+    def _fastest_measured(self, options, kind, value, tried, rounds):
+        """The target is out of reach: the faster, measured, of the fastest plan and rank 1 everywhere."""
+        candidates = [fastest(options, self.runtime), every_layer_at_rank_one(options)]
+        measured = []
+        for decisions in candidates:
+            key = _ranks(decisions)
+            if key not in tried:
+                m = tried[key] = self._measure(self._build(decisions, calibrated=False).model)
+                met = m["speedup"] >= value * TIME_MARGIN if kind == "target_speedup" \
+                    else m["after_ms"] * TIME_MARGIN <= value
+                rounds.append({"layer_time_kept": None, "planned_layer_time_kept": predicted_ms(decisions) /
+                               sum(o.keep_ms for o in options), "before_ms": m["before_ms"],
+                               "after_ms": m["after_ms"], "speedup": m["speedup"], "met": met,
+                               "plan": "fastest" if decisions is candidates[0] else "rank 1 everywhere"})
+            measured.append((tried[key]["speedup"], decisions))
+        _, decisions = max(measured, key=lambda t: t[0])
+        m = tried[_ranks(decisions)]
+        met = m["speedup"] >= value * TIME_MARGIN if kind == "target_speedup" else m["after_ms"] * TIME_MARGIN <= value
+        return decisions, rounds, met
 
     # step 3, error --------------------------------------------------------
     def _for_error(self, options, limit_error) -> Tuple[Decomposed, List[Dict], bool]:

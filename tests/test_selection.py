@@ -224,3 +224,14 @@ def test_channel_method_times_the_channel_form(fake_latency, monkeypatch):
     assert all(form == "channel" for form, _ in times.values())
     from onnx_dwd.cost import channels_for_rank
     assert [r for f, r in seen if f == "channel"][:2] == [channels_for_rank(16, 16, (3, 3), k) for k in (1, 2)]
+
+
+def test_out_of_reach_target_also_tries_rank_one_wherever_faster(fake_latency):
+    options = [planner.LayerOptions("a", 2.0, {1: ("multiplier", 1.0)}, {1: 0.3}, ("multiplier", 1.0)),
+               planner.LayerOptions("b", 1.0, {}, {1: 0.2}, ("multiplier", 0.9)),   # faster, under MIN_GAIN
+               planner.LayerOptions("c", 1.0, {}, {1: 0.2}, ("multiplier", 1.1))]   # slower alone: never
+    fast = planner.fastest(options)
+    assert fast["a"].rank == 1 and fast["b"].rank is None and fast["c"].rank is None
+    one = planner.every_layer_at_rank_one(options)
+    assert one["a"].rank == 1 and one["b"].rank == 1 and one["c"].rank is None
+    assert all(d.ms <= d.keep_ms for d in one.values())
