@@ -4,8 +4,7 @@
    and of each rank on the target runtime, and each rank's estimated error.
 2. budget.plan picks per layer under the budget:
    - a time budget (--target-speedup X, --latency-budget MS) becomes the
-     milliseconds the layers must save, from the measured time of the whole
-     original model;
+     share q of their isolated time the layers may keep (total conv ms);
    - an error budget (--max-error E) becomes a bound on the sum of squared
      layer errors, first E^2.
 3. The whole model is built and measured, and the budget adjusted:
