@@ -157,7 +157,7 @@ def decide(options: Sequence[LayerOptions], *, conv_ms: Optional[float] = None,
         if picked is not None:
             decisions[o.name] = Decision(picked.rank, picked.form, None, o.keep_ms, picked.ms, picked.error)
         else:
-            reason = (f"no decomposed form is faster on {runtime}" if not o.times
+            reason = (f"no decomposed form is at least {MIN_GAIN:.0%} faster on {runtime}" if not o.times
                       else "keeping it fits the budget better")
             decisions[o.name] = Decision(None, None, reason, o.keep_ms, o.keep_ms, 0.0)
     return decisions
