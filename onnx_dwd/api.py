@@ -15,7 +15,7 @@ from .calib import IMAGE_SUFFIXES, Calibration, DiskCache, array_calibration, fe
     random_feeds, resolve_input_specs
 from .config import DATA_FREE_METHODS, OptimizeConfig
 from .cost import count_params
-from .decompose import Decomposed, Progress, no_progress, decompose_model, prepare  # noqa: F401 (re-exported)
+from .decompose import Progress, decompose_model, no_progress  # decompose_model: re-exported for API users
 from .errors import OptionError
 from .modelio import check_writable, default_opset, load_model, refuse_to_overwrite, staged_model, write_text_atomic
 from .report import render_markdown, to_json
