@@ -78,6 +78,16 @@ class Pointwise(nn.Module):
         return torch.relu(self.bn(self.conv(x)))
 
 
+def unit_forward(unit, x):
+    """A ShuffleNet V2 unit (Unit or DeployUnit): split or two branches, concat, shuffle."""
+    if unit.stride == 1:
+        x1, x2 = x.chunk(2, dim=1)
+        out = torch.cat([x1, unit.sep(unit.pre(x2))], 1)
+    else:
+        out = torch.cat([unit.branch1(x), unit.sep(unit.pre(x))], 1)
+    return channel_shuffle(out)
+
+
 class Unit(nn.Module):
     """ShuffleNet V2 unit; stride 2 has two branches and doubles the channels."""
 
@@ -94,12 +104,7 @@ class Unit(nn.Module):
         self.sep = Separable(mid, mid, stride, form)
 
     def forward(self, x):
-        if self.stride == 1:
-            x1, x2 = x.chunk(2, dim=1)
-            out = torch.cat([x1, self.sep(self.pre(x2))], 1)
-        else:
-            out = torch.cat([self.branch1(x), self.sep(self.pre(x))], 1)
-        return channel_shuffle(out)
+        return unit_forward(self, x)
 
 
 class Body(nn.Module):
@@ -194,12 +199,7 @@ class DeployUnit(nn.Module):
         self.sep = deploy_slot(unit.sep)
 
     def forward(self, x):
-        if self.stride == 1:
-            x1, x2 = x.chunk(2, dim=1)
-            out = torch.cat([x1, self.sep(self.pre(x2))], 1)
-        else:
-            out = torch.cat([self.branch1(x), self.sep(self.pre(x))], 1)
-        return channel_shuffle(out)
+        return unit_forward(self, x)
 
 
 class DeployBody(nn.Module):

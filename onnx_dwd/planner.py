@@ -89,36 +89,32 @@ def option_ranks(layer: ConvLayer) -> List[int]:
     return list(range(1, max_rank(layer.weight.shape, layer.group)))
 
 
+def _fastest_form(layer: ConvLayer, geo: ConvGeometry, k: int, runner: Runner, threads: int,
+                  cache: Optional[LatencyCache], method: str) -> tuple:
+    """(form, ms) of the layer's fastest form at rank k; for method "channel", rank k stands for
+    c' = channels_for_rank(k), timed as that baseline writes it."""
+    if method == "channel":
+        channels = channels_for_rank(layer.out_channels, layer.in_channels, layer.kernel, k)
+        return "channel", layer_latency(geo, "channel", rank=channels, threads=threads, runner=runner, cache=cache)
+    forms = {resolve_graph_form(f, k, layer.group) for f in (FORMS if layer.group == 1 else GROUPED_FORMS)}
+    timed = {f: layer_latency(geo, f, rank=k, threads=threads, runner=runner, cache=cache) for f in sorted(forms)}
+    form = min(timed, key=timed.get)
+    return form, timed[form]
+
+
 def time_options(layer: ConvLayer, geo: ConvGeometry, runner: Runner, threads: int,
                  cache: Optional[LatencyCache], method: str = "refit") -> tuple:
-    """(keep_ms, {rank: (fastest form, ms)}) for the ranks at least MIN_GAIN faster than the original.
-    For method "channel", rank K stands for c' = channels_for_rank(K), timed as that baseline writes it."""
+    """(keep_ms, {rank: (fastest form, ms)} for the ranks at least MIN_GAIN faster than the
+    original, (form, ms) at rank 1 whether faster or not)."""
     keep_ms = layer_latency(geo, "original", threads=threads, runner=runner, cache=cache)
+    rank_one = _fastest_form(layer, geo, 1, runner, threads, cache, method)
     times = {}
     for k in option_ranks(layer):
-        if method == "channel":
-            channels = channels_for_rank(layer.out_channels, layer.in_channels, layer.kernel, k)
-            timed = {"channel": layer_latency(geo, "channel", rank=channels, threads=threads, runner=runner,
-                                              cache=cache)}
-        else:
-            forms = {resolve_graph_form(f, k, layer.group) for f in (FORMS if layer.group == 1 else GROUPED_FORMS)}
-            timed = {f: layer_latency(geo, f, rank=k, threads=threads, runner=runner, cache=cache)
-                     for f in sorted(forms)}
-        form = min(timed, key=timed.get)
-        if timed[form] > (1 - MIN_GAIN) * keep_ms:
+        form, ms = rank_one if k == 1 else _fastest_form(layer, geo, k, runner, threads, cache, method)
+        if ms > (1 - MIN_GAIN) * keep_ms:
             break  # higher ranks only cost more
-        times[k] = (form, timed[form])
-    return keep_ms, times
-
-
-def rank_one_time(layer: ConvLayer, geo: ConvGeometry, runner: Runner, threads: int,
-                  cache: Optional[LatencyCache], method: str = "refit") -> tuple:
-    """(form, ms) of the layer at rank 1 (already timed by time_options, so cached)."""
-    if method == "channel":
-        channels = channels_for_rank(layer.out_channels, layer.in_channels, layer.kernel, 1)
-        return "channel", layer_latency(geo, "channel", rank=channels, threads=threads, runner=runner, cache=cache)
-    form = resolve_graph_form("auto", 1, layer.group)
-    return form, layer_latency(geo, form, rank=1, threads=threads, runner=runner, cache=cache)
+        times[k] = (form, ms)
+    return keep_ms, times, rank_one
 
 
 def option_errors(layer: ConvLayer, method: str, ranks: Sequence[int], fit: Optional[LayerStats],

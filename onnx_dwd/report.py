@@ -60,7 +60,7 @@ def summary_lines(report: Dict) -> List[str]:
         ranks = f"rank per layer for {kind.replace('_', ' ')} {value:g}"
         if m.get("selection") and not m["selection"]["met"]:
             ranks += " (NOT MET: see selection.rounds)"
-        elif m.get("selection", {}).get("met_in_report_measurement") is False:
+        elif (m.get("selection") or {}).get("met_in_report_measurement") is False:
             ranks += " (met while choosing; the report's own measurement below falls short: timing spread)"
     lines = [
         f"model      {report['input']} -> {report['output']}  (opset {m['opset']})",

@@ -32,7 +32,7 @@ from .capture import Capture, CaptureSpec, tensor_shapes
 from .config import OptimizeConfig
 from .decompose import Decomposed, decompose_model, prepare
 from .planner import (Decision, LayerOptions, decide, every_layer_at_rank_one, fastest, geometry, option_errors,
-                      predicted_ms, rank_one_time, time_options)
+                      predicted_ms, time_options)
 from .runtimes import make_session, run_batches
 from .runtimes.base import get_runner, with_static_inputs
 from .runtimes.layer_latency import LatencyCache
@@ -106,11 +106,10 @@ class Chooser:
         cands = prep.candidates
         shapes = tensor_shapes(prep.model, self.feed, [l.node.inputs[0].name for l in cands], what=self.what)
         cache = LatencyCache()
-        times, rank_one = {}, {}
+        times = {}
         for layer in self.progress(cands, f"timing layers on {self.runtime}", len(cands)):
             geo = geometry(layer, shapes[layer.node.inputs[0].name])
             times[layer.name] = time_options(layer, geo, self.runner, self.config.threads, cache, self.method)
-            rank_one[layer.name] = rank_one_time(layer, geo, self.runner, self.config.threads, cache, self.method)
         fit = held = {}
         if self.calib is not None:
             capture = Capture(prep.model, None, [CaptureSpec.of(l) for l in cands],
@@ -123,10 +122,10 @@ class Chooser:
         options = []
         with threadpool_limits(limits=1, user_api="blas"):
             for layer in self.progress(cands, f"errors per rank ({self.method})", len(cands)):
-                keep_ms, by_rank = times[layer.name]
+                keep_ms, by_rank, rank_one = times[layer.name]
                 errors = option_errors(layer, self.method, sorted(set(by_rank) | {1}), fit.get(layer.name),
                                        held.get(layer.name))
-                options.append(LayerOptions(layer.name, keep_ms, by_rank, errors, rank_one[layer.name]))
+                options.append(LayerOptions(layer.name, keep_ms, by_rank, errors, rank_one))
         return options
 
     # step 3, time ---------------------------------------------------------

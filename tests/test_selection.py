@@ -18,7 +18,7 @@ from onnx_dwd.errors import OptionError
 from onnx_dwd.fit.stats import LayerStats
 from onnx_dwd.runtimes.layer_latency import ConvGeometry
 from onnx_dwd.select import classify_convs
-from test_capture import correlated_feeds, three_conv_model
+from test_capture import e2e as model_and_feeds  # noqa: F401 (a fixture: three 3x3 convs, 20 feeds)
 
 FORM_COST = {"sum": 1.0, "split": 1.05, "multiplier": 1.3, "concat-input": 1.1}
 
@@ -50,14 +50,6 @@ def fake_latency(monkeypatch):
     monkeypatch.setattr(planner, "layer_latency", fake_layer_ms)
 
 
-@pytest.fixture(scope="module")
-def model_and_feeds(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    folder = tmp_path_factory.mktemp("sel")
-    onnx.save(three_conv_model(rng), folder / "m.onnx")
-    return folder, correlated_feeds(rng, 20)
-
-
 def layer(weight, name="conv"):
     graph = gs.Graph(nodes=[gs.Node("Conv", name, attrs={"pads": [1, 1, 1, 1]},
                                     inputs=[gs.Variable("x"), gs.Constant(name + ".w", weight)],
@@ -71,7 +63,7 @@ def test_time_options_stop_at_the_first_rank_not_faster(fake_latency):
     l = layer(rng.standard_normal((16, 16, 3, 3)).astype(np.float32))
     geo = planner.geometry(l, (1, 16, 10, 10))
     assert geo.pads == (1, 1, 1, 1) and geo.height == 10
-    keep, times = planner.time_options(l, geo, runner=None, threads=1, cache=None)
+    keep, times, _ = planner.time_options(l, geo, runner=None, threads=1, cache=None)
     # original 16*16*9*100 = 230k MACs; rank K costs K*16*(9+16)*100 = 40k*K, x1.2 for K > 1
     assert keep == pytest.approx(0.5 + 23.04)
     assert sorted(times) == [1, 2, 3]  # rank 4: 1.2 * 160k MACs is 84% of the original: under MIN_GAIN
@@ -219,7 +211,7 @@ def test_channel_method_times_the_channel_form(fake_latency, monkeypatch):
                         lambda geo, form="original", *, rank=1, threads=1, runner=None, cache=None:
                         seen.append((form, rank)) or (10.0 if form == "original" else 1.0 + rank / 10))
     l = layer(np.random.default_rng(0).standard_normal((16, 16, 3, 3)).astype(np.float32))
-    keep, times = planner.time_options(l, planner.geometry(l, (1, 16, 10, 10)), None, 1, None, method="channel")
+    keep, times, _ = planner.time_options(l, planner.geometry(l, (1, 16, 10, 10)), None, 1, None, method="channel")
     assert {f for f, _ in seen} == {"original", "channel"}
     assert all(form == "channel" for form, _ in times.values())
     from onnx_dwd.cost import channels_for_rank

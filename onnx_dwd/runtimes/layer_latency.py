@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -27,7 +26,7 @@ from ..modelio import export_graph
 from ..rewrite import replace_conv, replace_conv_with_channel
 from ..select import classify_convs
 from .base import OrtRunner, Runner
-from .ort import calls_per_block
+from .timing import interleaved_ms
 
 #: Timing of one layer: warm-up calls, then the median over this many blocks.
 WARMUP_CALLS = 3
@@ -111,17 +110,9 @@ def time_model(model: onnx.ModelProto, runner: Runner, threads: int) -> float:
     (inp,) = model.graph.input
     shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
     feed = {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-    run = loaded.bind(feed)  # inputs copied in once: time the runtime, not the glue
-    for _ in range(WARMUP_CALLS):
-        run()
-    calls = calls_per_block(run, BLOCK_SECONDS)
-    blocks = []
-    for _ in range(BLOCKS):
-        started = time.perf_counter()
-        for _ in range(calls):
-            run()
-        blocks.append((time.perf_counter() - started) / calls * 1e3)
-    return float(np.median(blocks))
+    # inputs copied in once (bind): time the runtime, not the glue
+    times, _ = interleaved_ms({"layer": loaded.bind(feed)}, BLOCKS, WARMUP_CALLS, BLOCK_SECONDS)
+    return float(np.median(times["layer"]))
 
 
 def default_cache_path() -> Path:
