@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .modelio import export_graph
 from .fit.stats import LayerStats, conv_pads, im2col, sampled_patches
 from .runtimes import make_session, run_batches
+from .segments import Feeds, Lineage
 from .select import ConvLayer
 
 
@@ -121,60 +121,41 @@ def _toposorted(graph: gs.Graph) -> List[gs.Node]:
     return order
 
 
-def truncated(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """The part of model needed to compute the named tensors, which become its outputs."""
-    graph = gs.import_onnx(model)
-    tensors = graph.tensors()
-    graph.outputs = [tensors[n] for n in dict.fromkeys(names)]
-    graph.cleanup(remove_unused_graph_inputs=False)
-    return export_graph(graph, model, do_type_check=False)
-
-
 #: Elements of one im2col patch matrix (float32: 4 bytes each).
 IM2COL_BUDGET = 16 * 2**20
 
 
-class Capture:
-    """Streams feeds through the original model (outputs y) and the model being
-    built (inputs x) in lockstep and accumulates LayerStats per spec.
+def input_names(specs: Sequence[CaptureSpec]) -> List[str]:
+    return list(dict.fromkeys(s.input_name for s in specs))
 
-    With current=None the inputs come from the original too (no inter-layer
-    compensation). positions_per_image: sample that many output positions per
-    image (None: all).
+
+def output_names(specs: Sequence[CaptureSpec]) -> List[str]:
+    return list(dict.fromkeys(s.output_name for s in specs))
+
+
+class Capture:
+    """Accumulates LayerStats per spec from captured tensors, a batch at a time:
+    each conv's input x (from the model being built, or the original without
+    inter-layer compensation) and its output y (from the original).
+
+    positions_per_image: sample that many output positions per image (None: all).
     """
 
-    def __init__(self, reference: onnx.ModelProto, current: Optional[onnx.ModelProto],
-                 specs: Sequence[CaptureSpec], positions_per_image: Optional[int] = None, seed: int = 0,
-                 what: str = "model"):
+    def __init__(self, specs: Sequence[CaptureSpec], positions_per_image: Optional[int] = None, seed: int = 0):
         self.specs = list(specs)
-        graph_inputs = {i.name for i in reference.graph.input}
-        ref_names = [s.output_name for s in self.specs]
-        cur_names = [s.input_name for s in self.specs if s.input_name not in graph_inputs]
-        if current is None:
-            ref_names += cur_names
-            cur_names = []
-        self.ref_names, self.cur_names = list(dict.fromkeys(ref_names)), list(dict.fromkeys(cur_names))
-        self.ref = make_session(truncated(reference, self.ref_names), what=what)
-        self.cur = make_session(truncated(current, self.cur_names), what=what) if self.cur_names else None
         self.positions = positions_per_image
         self.rng = np.random.default_rng(seed)
-        self.what = what
         self.images = 0
 
     def new_stats(self) -> Dict[str, LayerStats]:
         return {s.name: LayerStats.zeros(s.out_channels, s.in_channels // s.group * s.kernel[0] * s.kernel[1],
                                          s.group) for s in self.specs}
 
-    def add(self, feed: Dict[str, np.ndarray], stats: Dict[str, LayerStats],
+    def add(self, inputs: Dict[str, np.ndarray], outputs: Dict[str, np.ndarray], stats: Dict[str, LayerStats],
             validation: Optional[Dict[str, LayerStats]] = None, period: int = 4) -> None:
-        """Accumulate one feed's positions into stats; with `validation`, every
-        period-th image (counted across calls) goes there instead."""
-        (ref_vals,) = run_batches(self.ref, [feed], self.ref_names, what=self.what)
-        values = dict(zip(self.ref_names, ref_vals))
-        if self.cur is not None:
-            (cur_vals,) = run_batches(self.cur, [feed], self.cur_names, what=self.what)
-            values.update(zip(self.cur_names, cur_vals))
-        batch = len(next(iter(values.values())))
+        """Accumulate one batch into stats; with `validation`, every period-th image
+        (counted across calls) goes there instead. inputs / outputs: by tensor name."""
+        batch = len(next(iter(outputs.values())))
         index = self.images + np.arange(batch)
         self.images += batch
         routes = [(stats, np.arange(batch))]
@@ -183,15 +164,17 @@ class Capture:
             routes = [(stats, np.flatnonzero(~to_val)), (validation, np.flatnonzero(to_val))]
         for target, rows in routes:
             if len(rows) == batch:  # one route takes everything: no copies
-                self._accumulate(values, feed, target)
+                self._accumulate(inputs, outputs, target)
             elif len(rows):
-                self._accumulate({k: v[rows] for k, v in values.items()},
-                                 {k: v[rows] for k, v in feed.items()}, target)
+                self._accumulate({k: v[rows] for k, v in inputs.items()},
+                                 {k: v[rows] for k, v in outputs.items()}, target)
 
-    def _accumulate(self, values, feed, stats) -> None:
+    def _accumulate(self, inputs, outputs, stats) -> None:
         for spec in self.specs:
-            x = feed[spec.input_name] if spec.input_name in feed else values[spec.input_name]
-            y = values[spec.output_name]
+            x = inputs[spec.input_name]
+            y = outputs[spec.output_name]
+            if len(x) != len(y):
+                raise RuntimeError(f"internal: {spec.name}: {len(x)} inputs but {len(y)} outputs in a batch")
             per_image = int(np.prod(y.shape[2:]))
             d = x.shape[1] * spec.kernel[0] * spec.kernel[1]
             step = max(1, IM2COL_BUDGET // max(per_image * d, 1))  # images per im2col, bounding memory
@@ -209,3 +192,16 @@ class Capture:
                 else:
                     patches = spec.patches(xs)  # [B, H'W', d]
                 stats[spec.name].add(patches.reshape(-1, d), outs.reshape(-1, y.shape[1]))
+
+
+def capture_stats(model: onnx.ModelProto, specs: Sequence[CaptureSpec], feeds: Feeds,
+                  capture: Optional[Capture] = None, validation: Optional[Dict[str, LayerStats]] = None,
+                  what: str = "model") -> Dict[str, LayerStats]:
+    """Statistics of specs' convs in one pass of model over feeds (inputs and outputs both
+    from model: no inter-layer compensation)."""
+    capture = capture or Capture(specs)
+    stats = capture.new_stats()
+    names = input_names(specs) + output_names(specs)
+    for values in Lineage(feeds, what=what).step(model, names, keep=False):
+        capture.add(values, values, stats, validation)
+    return stats

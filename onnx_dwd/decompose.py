@@ -7,6 +7,8 @@ replaced; optimize() (api.py) and the budgeted choice (selection.py) call it.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
@@ -16,7 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from . import __version__
 from .calib import Calibration
-from .capture import Capture, CaptureSpec, dependency_levels, tensor_shapes
+from .capture import Capture, CaptureSpec, dependency_levels, input_names, output_names, tensor_shapes
 from .config import DATA_FREE_METHODS, OptimizeConfig
 from .cost import channel_macs, channels_for_rank, conv_macs, decomposed_macs
 from .errors import DwdError
@@ -27,6 +29,7 @@ from .fold import fold_affine_into_convs
 from .modelio import check_model, export_graph
 from .planner import Decision
 from .rewrite import replace_conv, replace_conv_with_channel
+from .segments import Lineage
 from .select import ConvLayer, classify_convs
 from .tensors import NameAllocator
 
@@ -97,6 +100,47 @@ def _fit_and_replace(graph, layer, entry, method, rank, graph_form, config, name
     entry["weight_rel_error"] = float(np.linalg.norm(rebuilt - w) / max(np.linalg.norm(w), 1e-30))
     if held_stats is not None and held_stats.count:
         entry["rel_error"] = relative_error(held_stats, rebuilt, bias)
+
+
+def _fit_levels(graph, original, prepared, levels, entries, plan, method, config, names, calibration, workdir,
+                inter_layer, what, progress) -> None:
+    """Capture and fit level by level. Each level's inputs come from the model whose lower
+    levels are already replaced (with inter_layer), its outputs from the original; the
+    Lineages run every node of either model once over each part of the data."""
+    needs_fit_data = method not in DATA_FREE_METHODS
+    parts = {"fit": calibration.fit, "held-out": calibration.holdout} if needs_fit_data \
+        else {"held-out": calibration.holdout}
+
+    def lineages(tag):
+        return {p: Lineage(part.batches, workdir, f"{tag}-{p}", what) for p, part in parts.items()}
+
+    reference, current = lineages("reference"), lineages("current")
+    for index, group in enumerate(levels):
+        graph.cleanup().toposort()
+        last = index == len(levels) - 1
+        from_current = inter_layer and index > 0
+        model = export_graph(graph, original) if from_current else None
+        specs = [CaptureSpec.of(l) for l in group]
+        capture = Capture(specs, config.positions_per_image, config.seed + index)
+        stats = {p: capture.new_stats() for p in parts}
+        # refit picks its variant on images of the fit data it does not fit on first
+        val_stats = capture.new_stats() if method == "refit" and config.refit_variant == "auto" else None
+        stage = f"level {index + 1}/{len(levels)}" if inter_layer else "capture"
+        ref_names = output_names(specs) + ([] if from_current else input_names(specs))
+        for p in parts:
+            # without inter-layer compensation nothing is read after the level's pass
+            outputs = reference[p].step(prepared, ref_names, keep=inter_layer and not last)
+            inputs = current[p].step(model, input_names(specs), keep=not last) if from_current else None
+            label = f"{stage}: {p} data" + (f", {len(group)} layers" if p == "fit" else "")
+            for ys in progress(outputs, label, None):
+                xs = next(inputs) if inputs is not None else ys
+                capture.add(xs, ys, stats[p], val_stats if p == "fit" else None)
+            if inputs is not None and next(inputs, None) is not None:
+                raise RuntimeError("internal: the two models' passes yielded different batch counts")
+        for layer in progress(group, f"{stage}: fitting ({method})", len(group)):
+            _fit_and_replace(graph, layer, entries[layer.name], method, *plan[layer.name], config, names,
+                             stats["fit"][layer.name] if needs_fit_data else None, stats["held-out"][layer.name],
+                             val_stats[layer.name] if val_stats else None)
 
 
 def decompose_model(original: onnx.ModelProto, config: OptimizeConfig,
@@ -170,29 +214,11 @@ def _decompose(original, config, shape_feed, calibration, what, progress, decisi
         for layer in candidates:
             _fit_and_replace(graph, layer, entries[layer.name], method, *plan[layer.name], config, names, None, None)
     else:
-        needs_fit_data = method not in DATA_FREE_METHODS
         levels = dependency_levels(graph, candidates) if inter_layer else [candidates]
         levels = [group for group in levels if group]  # every candidate may be kept
-        for index, group in enumerate(levels):
-            graph.cleanup().toposort()
-            current = export_graph(graph, original) if inter_layer and index > 0 else None
-            capture = Capture(prepared, current, [CaptureSpec.of(l) for l in group],
-                              config.positions_per_image, config.seed + index, what=what)
-            fit_stats = capture.new_stats() if needs_fit_data else None
-            # refit picks its variant on images of the fit data it does not fit on first
-            val_stats = capture.new_stats() if method == "refit" and config.refit_variant == "auto" else None
-            held_stats = capture.new_stats()
-            stage = f"level {index + 1}/{len(levels)}" if inter_layer else "capture"
-            if needs_fit_data:
-                for feed in progress(calibration.fit.batches(), f"{stage}: fit data, {len(group)} layers",
-                                     None):
-                    capture.add(feed, fit_stats, val_stats)
-            for feed in progress(calibration.holdout.batches(), f"{stage}: held-out data", None):
-                capture.add(feed, held_stats)
-            for layer in progress(group, f"{stage}: fitting ({method})", len(group)):
-                _fit_and_replace(graph, layer, entries[layer.name], method, *plan[layer.name], config, names,
-                                 fit_stats[layer.name] if fit_stats else None, held_stats[layer.name],
-                                 val_stats[layer.name] if val_stats else None)
+        with tempfile.TemporaryDirectory(prefix="onnx-dwd-levels-") as workdir:
+            _fit_levels(graph, original, prepared, levels, entries, plan, method, config, names, calibration,
+                        Path(workdir), inter_layer, what, progress)
     graph.cleanup().toposort()
     model = export_graph(graph, original)
     kept = [p for p in model.metadata_props if p.key != "onnx_dwd"]  # a model optimized before

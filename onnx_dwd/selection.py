@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from .capture import Capture, CaptureSpec, tensor_shapes
+from .capture import Capture, CaptureSpec, capture_stats, tensor_shapes
 from .config import OptimizeConfig
 from .decompose import Decomposed, decompose_model, prepare
 from .planner import (Decision, LayerOptions, decide, every_layer_at_rank_one, fastest, geometry, option_errors,
@@ -112,13 +112,13 @@ class Chooser:
             times[layer.name] = time_options(layer, geo, self.runner, self.config.threads, cache, self.method)
         fit = held = {}
         if self.calib is not None:
-            capture = Capture(prep.model, None, [CaptureSpec.of(l) for l in cands],
-                              self.config.positions_per_image, self.config.seed, what=self.what)
-            fit, held = capture.new_stats(), capture.new_stats()
-            for feed in self.progress(self.calib.fit.batches(), "errors per rank: fit data", None):
-                capture.add(feed, fit)
-            for feed in self.progress(self.calib.holdout.batches(), "errors per rank: held-out data", None):
-                capture.add(feed, held)
+            specs = [CaptureSpec.of(l) for l in cands]
+            capture = Capture(specs, self.config.positions_per_image, self.config.seed)
+            fit, held = (capture_stats(prep.model, specs,
+                                       lambda part=part, label=label: self.progress(part.batches(), label, None),
+                                       capture, what=self.what)
+                         for part, label in ((self.calib.fit, "errors per rank: fit data"),
+                                             (self.calib.holdout, "errors per rank: held-out data")))
         options = []
         with threadpool_limits(limits=1, user_api="blas"):
             for layer in self.progress(cands, f"errors per rank ({self.method})", len(cands)):

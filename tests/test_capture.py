@@ -1,4 +1,4 @@
-"""Capture: statistics from running models, dependency levels, truncation, and the API end to end."""
+"""Capture: statistics from running models, dependency levels, and the API end to end."""
 
 import json
 
@@ -10,7 +10,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import rel_error, run
 from onnx_dwd import DwdError, OptimizeConfig, optimize
-from onnx_dwd.capture import Capture, CaptureSpec, dependency_levels, tensor_shapes, truncated
+from onnx_dwd.capture import Capture, CaptureSpec, capture_stats, dependency_levels, input_names, output_names, \
+    tensor_shapes
+from onnx_dwd.segments import Lineage
 from onnx_dwd.fit.stats import relative_error
 from onnx_dwd.select import classify_convs
 
@@ -109,10 +111,7 @@ def test_capture_without_current_matches_numpy(rng, group2):
     assert specs["conv1"].input_name == "x" and specs["conv2"].input_name == "r1"
     assert specs["conv2"].pads == (1, 0, 2, 1) and specs["conv2"].dilations == (2, 2)
     feeds = input_feeds(rng, 3)
-    capture = Capture(model, None, list(specs.values()))
-    stats = capture.new_stats()
-    for feed in feeds:
-        capture.add(feed, stats)
+    stats = capture_stats(model, list(specs.values()), lambda: feeds)
     values = [intermediates(model, f, ["c1", "r1"]) for f in feeds]
     x = np.concatenate([f["x"] for f in feeds])
     c1, r1, y = (np.concatenate([v[k] for v in values]) for k in ("c1", "r1", "y"))
@@ -130,45 +129,35 @@ def test_positions_per_image_samples_matching_rows(rng):
     model = two_conv_model(w1, b1, w2, b2)
     specs = list(specs_of(model).values())
     feeds = input_feeds(rng, 3)  # 6 images
-    capture = Capture(model, None, specs)
-    full = capture.new_stats()
-    for f in feeds:
-        capture.add(f, full)
-    capture = Capture(model, None, specs, positions_per_image=5, seed=3)
-    sampled = capture.new_stats()
-    for f in feeds:
-        capture.add(f, sampled)
+    full = capture_stats(model, specs, lambda: feeds)
+    sampled = capture_stats(model, specs, lambda: feeds, Capture(specs, positions_per_image=5, seed=3))
     assert sampled["conv1"].count == 5 * 6 and sampled["conv2"].count == 5 * 6
     assert sampled["conv1"].syy < full["conv1"].syy
     # patches and outputs are sampled at the same positions: the conv still explains its output exactly
     assert relative_error(sampled["conv1"], w1, b1) < 1e-3 and relative_error(sampled["conv2"], w2, b2) < 1e-3
     # conv2 has 6 positions per image: asking for 6 or more takes them all, like None
-    capture = Capture(model, None, specs, positions_per_image=6, seed=3)
-    every = capture.new_stats()
-    for f in feeds:
-        capture.add(f, every)
+    every = capture_stats(model, specs, lambda: feeds, Capture(specs, positions_per_image=6, seed=3))
     assert every["conv2"].count == 36
     np.testing.assert_allclose(every["conv2"].sxx, full["conv2"].sxx, rtol=1e-6)
     # the same seed samples the same positions
-    again = Capture(model, None, specs, positions_per_image=5, seed=3)
-    st = again.new_stats()
-    for f in feeds:
-        again.add(f, st)
+    st = capture_stats(model, specs, lambda: feeds, Capture(specs, positions_per_image=5, seed=3))
     np.testing.assert_array_equal(st["conv1"].sxx, sampled["conv1"].sxx)
 
 
-def test_capture_takes_inputs_from_current_and_outputs_from_reference(rng):
+def test_capture_takes_inputs_from_current_and_outputs_from_reference(rng, tmp_path):
+    """How decompose feeds a level: x from the current model's lineage, y from the reference's."""
     w1, b1, w2, b2 = weights(rng)
     reference = two_conv_model(w1, b1, w2, b2)
     w1_changed = w1 + 0.5 * rng.standard_normal(w1.shape)
     current = two_conv_model(w1_changed, b1, w2, b2)
-    specs = specs_of(reference)
+    specs = list(specs_of(reference).values())
     feeds = input_feeds(rng, 2)
-    capture = Capture(reference, current, list(specs.values()))
-    assert capture.cur_names == ["r1"]  # conv1 reads the graph input: nothing to run in current for it
+    capture = Capture(specs)
     stats = capture.new_stats()
-    for f in feeds:
-        capture.add(f, stats)
+    ys = Lineage(lambda: feeds, tmp_path, "ref").step(reference, output_names(specs) + ["x"], keep=False)
+    xs = Lineage(lambda: feeds, tmp_path, "cur").step(current, input_names(specs), keep=False)
+    for y, x in zip(ys, xs):
+        capture.add(x, y, stats)
     ref_vals = [intermediates(reference, f, ["c1"]) for f in feeds]
     cur_vals = [intermediates(current, f, ["r1"]) for f in feeds]
     x = np.concatenate([f["x"] for f in feeds])
@@ -186,20 +175,7 @@ def test_capture_takes_inputs_from_current_and_outputs_from_reference(rng):
         0.1 * np.linalg.norm(stats["conv2"].sxx)
 
 
-def test_capture_with_current_of_only_the_first_layer_runs_the_reference_only(rng):
-    w1, b1, w2, b2 = weights(rng)
-    reference = two_conv_model(w1, b1, w2, b2)
-    current = two_conv_model(w1 * 0, b1, w2, b2)  # would change everything if it were used
-    capture = Capture(reference, current, [specs_of(reference)["conv1"]])
-    assert capture.cur is None
-    stats = capture.new_stats()
-    feed = input_feeds(rng, 1)[0]
-    capture.add(feed, stats)
-    assert_stats_equal(stats["conv1"], direct_stats(feed["x"], intermediates(reference, feed, ["c1"])["c1"],
-                                                    CONV1_GEOMETRY))
-
-
-# --- truncated / tensor_shapes -------------------------------------------------------------------
+# --- tensor_shapes ----------------------------------------------------------------------------
 
 def chain3(rng, shape=(1, 2, 6, 6)):
     nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], name="a", pads=[1, 1, 1, 1]),
@@ -209,24 +185,6 @@ def chain3(rng, shape=(1, 2, 6, 6)):
              helper.make_node("Conv", ["r2", "W3"], ["y"], name="c", pads=[1, 1, 1, 1])]
     return make_model(nodes, {"W1": rng.standard_normal((3, 2, 3, 3)), "W2": rng.standard_normal((3, 3, 3, 3)),
                               "W3": rng.standard_normal((2, 3, 3, 3))}, shape)
-
-
-def test_truncated_keeps_only_what_the_requested_tensors_need(rng):
-    model = chain3(rng)
-    feed = {"x": rng.standard_normal((1, 2, 6, 6)).astype(np.float32)}
-    full = intermediates(model, feed, ["r1", "c2"])
-    cut = truncated(model, ["c2", "r1", "c2"])
-    assert [o.name for o in cut.graph.output] == ["c2", "r1"]
-    assert [n.name for n in cut.graph.node if n.op_type == "Conv"] == ["a", "b"]
-    assert {i.name for i in cut.graph.initializer} == {"W1", "W2"}
-    assert [i.name for i in cut.graph.input] == ["x"]
-    assert cut.opset_import == model.opset_import and cut.ir_version == model.ir_version
-    c2, r1 = run(cut, feed)
-    np.testing.assert_array_equal(c2, full["c2"])
-    np.testing.assert_array_equal(r1, full["r1"])
-    first = truncated(model, ["c1"])
-    assert len(first.graph.node) == 1 and [i.name for i in first.graph.input] == ["x"]
-    np.testing.assert_array_equal(run(first, feed)[0], intermediates(model, feed, ["c1"])["c1"])
 
 
 def test_tensor_shapes(rng):
@@ -439,8 +397,9 @@ def test_capture_routes_every_fourth_image_to_validation(rng):
     from onnx_dwd.select import classify_convs
     model = conv_model(rng.standard_normal((4, 2, 3, 3)), None, ["n", 2, 6, 6], attrs={"pads": [1, 1, 1, 1]})
     (layer,) = classify_convs(gs.import_onnx(model))
-    capture = Capture(model, None, [CaptureSpec.of(layer)])
-    train, val = capture.new_stats(), capture.new_stats()
-    for batch in (3, 5, 4):  # 12 images in uneven batches: images 3, 7, 11 go to validation
-        capture.add({"x": rng.standard_normal((batch, 2, 6, 6)).astype(np.float32)}, train, val)
+    capture = Capture([CaptureSpec.of(layer)])
+    val = capture.new_stats()
+    # 12 images in uneven batches: images 3, 7, 11 go to validation
+    feeds = [{"x": rng.standard_normal((batch, 2, 6, 6)).astype(np.float32)} for batch in (3, 5, 4)]
+    train = capture_stats(model, capture.specs, lambda: feeds, capture, val)
     assert train[layer.name].count == 9 * 36 and val[layer.name].count == 3 * 36

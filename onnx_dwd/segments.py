@@ -1,0 +1,194 @@
+"""Run a model step by step over calibration data, each node once.
+
+Inter-layer compensation fits the candidate convs level by level
+(capture.dependency_levels): each level needs its convs' inputs in the model
+whose lower levels are already replaced. Running that model from its graph
+inputs at every level costs one prefix pass per level (30 levels on YOLOv8n:
+half of a calibrated run). A Lineage instead keeps, per calibration batch, the
+tensors that the nodes not run yet will need (its frontier) in files, and each
+step runs only the nodes that no earlier step ran.
+
+That is exact because a node run in an earlier step never changes later: the
+nodes replaced after a level are that level's candidates, which are not
+upstream of their own or lower levels' inputs, so no step had run them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set
+
+import numpy as np
+import onnx
+
+from .runtimes import make_session, run_batches
+
+Feeds = Callable[[], Iterable[Dict[str, np.ndarray]]]
+
+
+def _subgraph_names(node: onnx.NodeProto) -> List[str]:
+    """Every tensor name a node's subgraphs (If/Loop/Scan bodies) read: a superset of what
+    they take from the outer scope."""
+    names = []
+    for attr in node.attribute:
+        for g in list(attr.g.node and [attr.g]) + list(attr.graphs):
+            for n in g.node:
+                names.extend(n.input)
+                names.extend(_subgraph_names(n))
+    return names
+
+
+def _reads(node: onnx.NodeProto) -> List[str]:
+    return [t for t in list(node.input) + _subgraph_names(node) if t]
+
+
+@dataclasses.dataclass
+class Segment:
+    """The nodes (indices into graph.node, in graph order) that compute some targets from
+    already computed tensors; inputs: the computed tensors they read."""
+
+    nodes: List[int]
+    inputs: List[str]
+    produced: Set[str]
+
+
+def plan_segment(graph: onnx.GraphProto, frontier: Set[str], computed: Set[str],
+                 targets: Sequence[str]) -> Segment:
+    """The nodes not run yet that targets need. frontier: computed tensors still kept;
+    computed: every tensor computed so far (a needed one outside the frontier is a bug)."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    constants = {i.name for i in graph.initializer} | {i.values.name for i in graph.sparse_initializer}
+    needed: Set[int] = set()
+    inputs: Dict[str, None] = {}
+    stack, seen = list(targets), set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in frontier:
+            inputs[name] = None
+        elif name in computed:
+            raise RuntimeError(f"internal: tensor {name!r} was computed but not kept for later steps")
+        elif name in producer:
+            index = producer[name]
+            if index not in needed:
+                needed.add(index)
+                stack.extend(_reads(graph.node[index]))
+        elif name not in constants:
+            # an outer-scope name of a subgraph that the subgraph defines itself
+            continue
+    nodes = sorted(needed)
+    produced = {o for i in nodes for o in graph.node[i].output if o}
+    return Segment(nodes, [n for n in inputs if n not in produced], produced)
+
+
+def frontier_after(graph: onnx.GraphProto, computed: Set[str]) -> List[str]:
+    """The computed tensors that a node not run yet reads: what later steps need."""
+    keep: Dict[str, None] = {}
+    for node in graph.node:
+        if all(o in computed for o in node.output if o):
+            continue
+        for name in _reads(node):
+            if name in computed:
+                keep[name] = None
+    return list(keep)
+
+
+def segment_model(model: onnx.ModelProto, segment: Segment, outputs: Sequence[str],
+                  input_types: Dict[str, int]) -> onnx.ModelProto:
+    """A model of segment's nodes: its inputs (typed, shapes left open) in, outputs out."""
+    graph = model.graph
+    nodes = [graph.node[i] for i in segment.nodes]
+    used = {t for n in nodes for t in _reads(n)}
+    sub = onnx.helper.make_graph(
+        nodes, f"{graph.name}_segment",
+        [onnx.helper.make_tensor_value_info(n, input_types[n], None) for n in segment.inputs],
+        # onnxruntime infers the type of a bare-named output
+        [onnx.ValueInfoProto(name=n) for n in outputs],
+        initializer=[i for i in graph.initializer if i.name in used],
+        sparse_initializer=[i for i in graph.sparse_initializer if i.values.name in used])
+    result = onnx.ModelProto(ir_version=model.ir_version, graph=sub)
+    result.opset_import.extend(model.opset_import)
+    result.functions.extend(model.functions)
+    return result
+
+
+class Lineage:
+    """One model's tensors over one stream of feeds, computed a step at a time.
+
+    feeds: a re-iterable of feed dicts (the same batches in the same order on
+    every call). Each step() may use a newer version of the model, as long as
+    only nodes it has not run yet changed. Between steps the frontier is kept
+    in workdir, one file per batch; a step deletes each file once read (the
+    owner of workdir deletes the rest). Deleting and creating files measured
+    faster than overwriting them in place (4.4 vs 1.2-2.8 GB/s).
+    """
+
+    def __init__(self, feeds: Feeds, workdir: Optional[Path] = None, tag: str = "lineage",
+                 what: str = "model"):
+        self.feeds = feeds
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.tag = tag
+        self.what = what
+        self.steps = 0
+        self.computed: Optional[Set[str]] = None  # None: nothing run yet, the frontier is the feeds
+        self.frontier: List[str] = []
+        self.types: Dict[str, int] = {}
+        self.files: List[Path] = []
+        self.ended = False
+
+    def step(self, model: onnx.ModelProto, targets: Sequence[str], keep: bool = True
+             ) -> Iterator[Dict[str, np.ndarray]]:
+        """Yield, per batch, the targets' values; run only nodes no earlier step ran.
+
+        keep=False: the last step; nothing is saved for later steps. The
+        generator must be run to the end for the lineage to advance.
+        """
+        if self.ended:
+            raise RuntimeError("internal: the lineage's last step has run")
+        if keep and self.workdir is None:
+            raise RuntimeError("internal: a lineage that keeps its frontier needs a workdir")
+        graph = model.graph
+        if self.computed is None:
+            constants = {i.name for i in graph.initializer}
+            inputs = [i for i in graph.input if i.name not in constants]
+            self.computed = {i.name for i in inputs}
+            self.frontier = [i.name for i in inputs]
+            self.types = {i.name: i.type.tensor_type.elem_type for i in inputs}
+        targets = list(dict.fromkeys(targets))
+        segment = plan_segment(graph, set(self.frontier), self.computed, targets)
+        computed = self.computed | segment.produced
+        frontier = frontier_after(graph, computed) if keep else []
+        run = [n for n in dict.fromkeys(targets + frontier) if n in segment.produced]
+        session = make_session(segment_model(model, segment, run, self.types), what=self.what) if run else None
+        files, types = [], {}
+        for index, values in enumerate(self._load()):
+            if session is not None:
+                (outs,) = run_batches(session, [{n: values[n] for n in segment.inputs}], run, what=self.what)
+                values.update(zip(run, outs))
+            if keep:
+                path = self.workdir / f"{self.tag}-{index:06d}-{self.steps % 2}.npy"
+                with open(path, "wb") as f:
+                    for name in frontier:
+                        np.save(f, values[name], allow_pickle=False)
+                files.append(path)
+            if not types:
+                types = {n: onnx.helper.np_dtype_to_tensor_dtype(values[n].dtype) for n in run}
+            yield {t: values[t] for t in targets}
+        self.computed, self.frontier, self.files = computed, frontier, files
+        self.types.update(types)
+        self.steps += 1
+        self.ended = not keep
+
+    def _load(self) -> Iterator[Dict[str, np.ndarray]]:
+        if self.steps == 0:
+            for feed in self.feeds():
+                yield dict(feed)
+            return
+        for path in self.files:
+            with open(path, "rb") as f:
+                values = {name: np.load(f, allow_pickle=False) for name in self.frontier}
+            path.unlink()
+            yield values
