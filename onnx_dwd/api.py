@@ -123,7 +123,7 @@ def _optimize(input_path, output_path, config, original, specs, calib, progress,
                    "inter_layer": result.inter_layer,
                    "input_shapes": {k: list(v) for k, v in config.input_shapes.items()},
                    "calib": calib.description if calib else None, "holdout": config.holdout,
-                   "positions_per_image": config.positions_per_image,
+                   "positions_per_image": config.positions_per_image, "position_budget": config.position_budget,
                    "validation_samples": config.validation_samples, "seed": config.seed},
         "model": {
             "opset": default_opset(original),

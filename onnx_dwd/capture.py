@@ -139,11 +139,21 @@ class Capture:
     inter-layer compensation) and its output y (from the original).
 
     positions_per_image: sample that many output positions per image (None: all).
+    position_budget, images: sample about position_budget x d positions per
+    layer in total (d: its patch size), evenly from `images` images (None: no
+    such limit). The d x d statistics need some multiple of d positions; past
+    that, more positions cost time (d^2 each) and add little.
     """
 
-    def __init__(self, specs: Sequence[CaptureSpec], positions_per_image: Optional[int] = None, seed: int = 0):
+    def __init__(self, specs: Sequence[CaptureSpec], positions_per_image: Optional[int] = None, seed: int = 0,
+                 position_budget: Optional[float] = None, images: Optional[int] = None):
         self.specs = list(specs)
-        self.positions = positions_per_image
+        self.limits = {s.name: positions_per_image for s in self.specs}
+        if position_budget and images:
+            for s in self.specs:
+                d = s.in_channels // s.group * s.kernel[0] * s.kernel[1]
+                share = max(1, int(np.ceil(position_budget * d / images)))
+                self.limits[s.name] = min(share, positions_per_image or share)
         self.rng = np.random.default_rng(seed)
         self.images = 0
 
@@ -178,14 +188,15 @@ class Capture:
             per_image = int(np.prod(y.shape[2:]))
             d = x.shape[1] * spec.kernel[0] * spec.kernel[1]
             step = max(1, IM2COL_BUDGET // max(per_image * d, 1))  # images per im2col, bounding memory
-            sample = bool(self.positions and self.positions < per_image)
+            limit = self.limits[spec.name]
+            sample = bool(limit and limit < per_image)
             if sample:  # the sampled patches are gathered directly: far less memory, more images per step
-                step = max(1, IM2COL_BUDGET // max(self.positions * d, 1))
+                step = max(1, IM2COL_BUDGET // max(limit * d, 1))
             for b in range(0, x.shape[0], step):
                 xs = x[b:b + step]
                 outs = y[b:b + step].reshape(len(xs), y.shape[1], -1).transpose(0, 2, 1)  # [B, H'W', n]
                 if sample:
-                    pick = np.stack([self.rng.choice(per_image, self.positions, replace=False)
+                    pick = np.stack([self.rng.choice(per_image, limit, replace=False)
                                      for _ in range(len(xs))])
                     patches = spec.patches(xs, pick)
                     outs = np.take_along_axis(outs, pick[:, :, None], axis=1)

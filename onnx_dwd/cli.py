@@ -16,8 +16,8 @@ from . import __version__
 from .api import optimize as run_optimize
 from .decompose import no_progress
 from .calib import Preprocess
-from .config import (DEFAULT_MAX_ERROR, GRAPH_FORMS, METHODS, REFIT_VARIANT_CHOICES, RUNTIME_LEVELS, OptimizeConfig,
-                     parse_input_shape)
+from .config import (DEFAULT_MAX_ERROR, DEFAULT_POSITION_BUDGET, GRAPH_FORMS, METHODS, REFIT_VARIANT_CHOICES,
+                     RUNTIME_LEVELS, OptimizeConfig, parse_input_shape)
 from .errors import DwdError
 from .report import render_table
 
@@ -85,6 +85,9 @@ def optimize_options(fn):
         click.option("--max-images", type=int, default=None, help="Use at most this many calibration images (or array files)."),
         click.option("--positions-per-image", type=int, default=None,
                      help="Sample this many output positions per image for the statistics (default: all)."),
+        click.option("--position-budget", type=float, default=DEFAULT_POSITION_BUDGET, show_default=True,
+                     help="Fit each layer on about this many times its patch size (c*kh*kw) output positions, "
+                          "sampled evenly from the images; 0: every position."),
         click.option("--resize", type=int, default=None,
                      help="Resize the shorter image side to this, then centre-crop to the model's input size "
                           "(default: resize straight to the input size)."),

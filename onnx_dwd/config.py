@@ -25,6 +25,8 @@ GRAPH_FORMS = ("auto", "sum", "split", "multiplier", "concat-input")
 #: With neither --rank nor a budget: the fastest plan whose model output error
 #: on held-out data stays within this (relative, |Y - Y'| / |Y|).
 DEFAULT_MAX_ERROR = 0.05
+#: Positions per patch element each layer is fitted on (OptimizeConfig.position_budget).
+DEFAULT_POSITION_BUDGET = 64.0
 
 #: onnxruntime graph optimisation levels a latency target can name.
 RUNTIME_LEVELS = ("all", "extended", "basic")
@@ -89,6 +91,11 @@ class OptimizeConfig:
     max_images: use at most this many calibration items (None: all).
     positions_per_image: output positions sampled per image for the
         statistics (None: every position).
+    position_budget: fit each layer on about this many times its patch size
+        (c/group*kh*kw) output positions, sampled evenly over the fit images
+        (0 or None: every position). The d x d statistics cost d^2 per
+        position; past some multiple of d, more positions add little
+        (benchmarks/RESULTS.md section 5).
     preprocess: how image files become input tensors.
     validation_samples: how many random inputs to compare original and
         optimized on when there is no calibration data.
@@ -113,6 +120,7 @@ class OptimizeConfig:
     holdout: float = 0.2
     max_images: Optional[int] = None
     positions_per_image: Optional[int] = None
+    position_budget: Optional[float] = DEFAULT_POSITION_BUDGET
     preprocess: Preprocess = Preprocess()
     validation_samples: int = 32
     seed: int = 0
@@ -159,6 +167,8 @@ class OptimizeConfig:
             )
         if not 0 <= self.holdout < 1:
             raise OptionError(f"--holdout must be in [0, 1), got {self.holdout}")
+        if self.position_budget is not None and not self.position_budget >= 0:
+            raise OptionError(f"--position-budget must be 0 (every position) or positive, got {self.position_budget}")
         for name in ("max_images", "positions_per_image"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -121,7 +121,8 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
         from_current = inter_layer and index > 0
         model = export_graph(graph, original) if from_current else None
         specs = [CaptureSpec.of(l) for l in group]
-        capture = Capture(specs, config.positions_per_image, config.seed + index)
+        capture = Capture(specs, config.positions_per_image, config.seed + index, config.position_budget,
+                          calibration.fit.count)
         stats = {p: capture.new_stats() for p in parts}
         # refit picks its variant on images of the fit data it does not fit on first
         val_stats = capture.new_stats() if method == "refit" and config.refit_variant == "auto" else None

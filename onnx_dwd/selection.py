@@ -113,7 +113,8 @@ class Chooser:
         fit = held = {}
         if self.calib is not None:
             specs = [CaptureSpec.of(l) for l in cands]
-            capture = Capture(specs, self.config.positions_per_image, self.config.seed)
+            capture = Capture(specs, self.config.positions_per_image, self.config.seed, self.config.position_budget,
+                              self.calib.fit.count)
             fit, held = (capture_stats(prep.model, specs,
                                        lambda part=part, label=label: self.progress(part.batches(), label, None),
                                        capture, what=self.what)

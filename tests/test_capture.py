@@ -144,6 +144,23 @@ def test_positions_per_image_samples_matching_rows(rng):
     np.testing.assert_array_equal(st["conv1"].sxx, sampled["conv1"].sxx)
 
 
+def test_position_budget_samples_about_budget_times_patch_size_per_layer(rng):
+    w1, b1, w2, b2 = weights(rng)
+    model = two_conv_model(w1, b1, w2, b2)
+    specs = list(specs_of(model).values())  # patch sizes 27 and 36; 49 and 6 positions per image
+    feeds = input_feeds(rng, 3)  # 6 images
+    capture = Capture(specs, position_budget=2, images=6)
+    assert capture.limits == {"conv1": 9, "conv2": 12}  # ceil(2 * 27 / 6), ceil(2 * 36 / 6)
+    stats = capture_stats(model, specs, lambda: feeds, capture)
+    assert stats["conv1"].count == 9 * 6  # sampled
+    assert stats["conv2"].count == 6 * 6  # 12 > 6 positions per image: every position
+    assert relative_error(stats["conv1"], w1, b1) < 1e-3
+    # positions_per_image, when smaller, still wins; no budget or no image count: no limit
+    assert Capture(specs, positions_per_image=4, position_budget=2, images=6).limits == {"conv1": 4, "conv2": 4}
+    assert Capture(specs, position_budget=0, images=6).limits == {"conv1": None, "conv2": None}
+    assert Capture(specs, position_budget=2, images=None).limits == {"conv1": None, "conv2": None}
+
+
 def test_capture_takes_inputs_from_current_and_outputs_from_reference(rng, tmp_path):
     """How decompose feeds a level: x from the current model's lineage, y from the reference's."""
     w1, b1, w2, b2 = weights(rng)
@@ -403,3 +420,10 @@ def test_capture_routes_every_fourth_image_to_validation(rng):
     feeds = [{"x": rng.standard_normal((batch, 2, 6, 6)).astype(np.float32)} for batch in (3, 5, 4)]
     train = capture_stats(model, capture.specs, lambda: feeds, capture, val)
     assert train[layer.name].count == 9 * 36 and val[layer.name].count == 3 * 36
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan")])
+def test_position_budget_must_be_zero_or_positive(value):
+    with pytest.raises(DwdError, match="--position-budget must be 0"):
+        OptimizeConfig(position_budget=value)
+    assert OptimizeConfig(position_budget=0).position_budget == 0
