@@ -7,8 +7,9 @@
 Each measurement is a fresh subprocess that reports its own peak RSS
 (getrusage ru_maxrss) and wall time, so runs do not share memory. Measured on
 YOLOv8n (320x320) with the same images read by the same loader:
-- onnx-dwd optimize, method refit, with and without inter-layer compensation,
-  and with --positions-per-image sampling;
+- "onnx-dwd OPTIONS": `onnx-dwd optimize MODEL OUT --calib IMAGES --max-images N
+  --input-shape images:1,3,320,320 -q OPTIONS`, in process through the CLI;
+  the time includes loading, fitting, validating and writing the model;
 - onnxruntime.quantization.quantize_static (MinMax, QDQ, uint8 activations),
   default options. Its calibrator keeps per-batch ReduceMin/ReduceMax
   results, which are small. (Its CalibMaxIntermediateOutputs option is not
@@ -31,7 +32,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TOOLS = ["onnx-dwd refit", "onnx-dwd refit --no-inter-layer", "ort quantize_static"]
+TOOLS = ["onnx-dwd --rank 1 --no-latency", "onnx-dwd --rank 1 --no-latency --position-budget 0",
+         "onnx-dwd --rank 1 --no-latency --no-inter-layer", "onnx-dwd", "ort quantize_static"]
 SHAPE = (1, 3, 320, 320)
 
 
@@ -39,7 +41,6 @@ def child(tool: str, images: Path, count: int) -> None:
     sys.path.insert(0, str(REPO / "tools"))
     from real_models import model_path
 
-    from onnx_dwd import OptimizeConfig, optimize
     from onnx_dwd.calib import Preprocess, image_calibration, resolve_input_specs
     from onnx_dwd.modelio import load_model
 
@@ -48,12 +49,14 @@ def child(tool: str, images: Path, count: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.onnx"
         if tool.startswith("onnx-dwd"):
-            words = tool.split()
-            positions = int(words[words.index("--positions-per-image") + 1]) \
-                if "--positions-per-image" in words else None
-            optimize(model, out, OptimizeConfig(method="refit", inter_layer="--no-inter-layer" not in tool,
-                                                positions_per_image=positions, calib=images, max_images=count,
-                                                input_shapes={"images": SHAPE}))
+            from click.testing import CliRunner
+
+            from onnx_dwd import cli
+            args = ["optimize", str(model), str(out), "--calib", str(images), "--max-images", str(count),
+                    "--input-shape", "images:" + ",".join(map(str, SHAPE)), "-q"] + tool.split()[1:]
+            result = CliRunner().invoke(cli.main, args)
+            if result.exit_code:
+                raise SystemExit(f"onnx-dwd failed: {result.output.strip()}")
         else:
             from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
 

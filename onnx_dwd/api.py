@@ -18,9 +18,9 @@ from .decompose import Progress, decompose_model, no_progress  # decompose_model
 from .errors import OptionError
 from .modelio import check_writable, default_opset, load_model, refuse_to_overwrite, staged_model, write_text_atomic
 from .report import render_markdown, to_json
-from .runtimes import make_session, run_batches
+from .runtimes import make_session
 from .selection import Chooser, measure_latency
-from .validate import compare_runs
+from .validate import compare_models
 
 
 def load_calibration(config: OptimizeConfig, specs, calibration=None) -> Optional[Calibration]:
@@ -97,9 +97,8 @@ def _optimize(input_path, output_path, config, original, specs, calib, progress,
         ref_session = make_session(original, what=str(input_path))
         opt_session = make_session(staged, what=f"optimized model for {output_path}")
         names_out = [o.name for o in ref_session.get_outputs()]
-        reference = run_batches(ref_session, validation_feeds(), names_out, what=str(input_path))
-        candidate = run_batches(opt_session, validation_feeds(), names_out, what=f"optimized model for {output_path}")
-        validation = compare_runs(names_out, reference, candidate, labels)
+        validation = compare_models(ref_session, opt_session, validation_feeds(), names_out, labels,
+                                    what=(str(input_path), f"optimized model for {output_path}"))
         validation["inputs"] = inputs_desc
         latency = None
         if config.measure_latency or config.selects:

@@ -121,6 +121,7 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
         from_current = inter_layer and index > 0
         model = export_graph(graph, original) if from_current else None
         specs = [CaptureSpec.of(l) for l in group]
+        # fit.count counts items: with batched arrays the budget over-samples, never under
         capture = Capture(specs, config.positions_per_image, config.seed + index, config.position_budget,
                           calibration.fit.count)
         stats = {p: capture.new_stats() for p in parts}

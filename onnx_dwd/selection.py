@@ -33,11 +33,11 @@ from .config import OptimizeConfig
 from .decompose import Decomposed, decompose_model, prepare
 from .planner import (Decision, LayerOptions, decide, every_layer_at_rank_one, fastest, geometry, option_errors,
                       predicted_ms, time_options)
-from .runtimes import make_session, run_batches
+from .runtimes import make_session
 from .runtimes.base import get_runner, with_static_inputs
 from .runtimes.layer_latency import LatencyCache
 from .runtimes.timing import compare, interleaved_ms
-from .validate import compare_runs
+from .validate import compare_models
 
 #: Adjustment rounds after the first plan (each builds and measures a model).
 TIME_ROUNDS = 5
@@ -206,7 +206,8 @@ class Chooser:
     def _for_error(self, options, limit_error) -> Tuple[Decomposed, List[Dict], bool]:
         """Search the bound on the sum of squared layer errors: the largest that keeps the
         model's error within the limit (fastest), by extrapolation inside a bracket."""
-        names, reference = self._outputs(self.original)
+        reference = make_session(self.original, what=self.what)
+        names = [o.name for o in reference.get_outputs()]
         proxy, rounds, tried = limit_error ** 2, [], {}
         met_at, failed = 0.0, None  # largest bound that met, smallest that missed
         best: Optional[Tuple[float, Decomposed]] = None
@@ -226,8 +227,8 @@ class Chooser:
                 proxy = proxy * MAX_STEP if failed is None else float(np.sqrt(met_at * failed))
                 continue
             result = self._build(decisions, calibrated=True)
-            _, outputs = self._outputs(result.model)
-            validation = compare_runs(names, reference, outputs)
+            validation = compare_models(reference, make_session(result.model, what=self.what),
+                                        self.validation_feeds(), names, what=(self.what, self.what))
             err = max(o["rel_error"] for o in validation["outputs"].values())
             ms = predicted_ms(decisions)
             met = err <= limit_error
@@ -269,11 +270,6 @@ class Chooser:
         """The candidate model side by side with the original (runtimes/timing.compare)."""
         after = self._load(model, f"candidate for {self.what}")
         return compare(self._reference.bind(self.feed), after.bind(self.feed), blocks=PLAN_BLOCKS)
-
-    def _outputs(self, model):
-        session = make_session(model, what=self.what)
-        names = [o.name for o in session.get_outputs()]
-        return names, run_batches(session, self.validation_feeds(), names, what=self.what)
 
 
 def _ranks(decisions: Dict[str, Decision]) -> tuple:
