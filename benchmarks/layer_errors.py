@@ -51,7 +51,7 @@ from threadpoolctl import threadpool_limits
 
 import onnx_dwd
 from onnx_dwd.calib import Preprocess, image_calibration, resolve_input_specs
-from onnx_dwd.capture import Capture, CaptureSpec
+from onnx_dwd.capture import Capture, CaptureSpec, capture_stats
 from onnx_dwd.config import parse_input_shape
 from onnx_dwd.cost import channels_for_rank
 from onnx_dwd.fit import network_decoupling, reconstruct_weight
@@ -257,16 +257,14 @@ def run(args, argv):
           f"{calibration.description}: fit {calibration.fit.count}, held out {calibration.holdout.count}",
           flush=True)
 
-    capture = Capture(prepared, None, [CaptureSpec.of(l) for l in candidates], args.positions_per_image,
-                      args.seed, what=str(args.model))
-    train_stats, val_stats, held_stats = capture.new_stats(), capture.new_stats(), capture.new_stats()
+    specs = [CaptureSpec.of(l) for l in candidates]
+    capture = Capture(specs, args.positions_per_image, args.seed)  # every position unless sampled per image
+    val_stats = capture.new_stats()
     t0 = time.perf_counter()
-    for feed in calibration.fit.batches():
-        capture.add(feed, train_stats, val_stats)
+    train_stats = capture_stats(prepared, specs, calibration.fit.batches, capture, val_stats, what=str(args.model))
     t_fit_capture = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for feed in calibration.holdout.batches():
-        capture.add(feed, held_stats)
+    held_stats = capture_stats(prepared, specs, calibration.holdout.batches, capture, what=str(args.model))
     t_held_capture = time.perf_counter() - t0
     print(f"captured statistics: fit {t_fit_capture:.1f} s, held-out {t_held_capture:.1f} s", flush=True)
 
