@@ -50,11 +50,14 @@ def test_steps_equal_the_whole_model_and_keep_only_what_later_nodes_read(rng, fe
     lineage = Lineage(lambda: feeds, tmp_path, "t")
     first = list(lineage.step(model, ["c1"]))
     assert set(lineage.frontier) == {"x", "c1"}  # relu (not run) reads c1, sum reads x
-    assert len(list(tmp_path.iterdir())) == len(feeds)
+    assert len(list(tmp_path.iterdir())) == 2 * len(feeds)  # one file per batch and kept tensor
+    x_files = {kept["x"].path for kept in lineage.kept}
     second = list(lineage.step(model, ["c2", "x"]))
     assert set(lineage.frontier) == {"r1", "c2", "x"}
+    assert len(list(tmp_path.iterdir())) == 3 * len(feeds)  # c1's files deleted, r1's and c2's written
+    assert {kept["x"].path for kept in lineage.kept} == x_files  # x stayed in the frontier: written once
     third = list(lineage.step(model, ["y"], keep=False))
-    assert list(tmp_path.iterdir()) == []  # every file deleted once read; the last step saves none
+    assert list(tmp_path.iterdir()) == []  # every file deleted once it left the frontier; the last step saves none
     for feed, a, b, c in zip(feeds, first, second, third):
         want = full(model, feed, ["c1", "c2", "y"])
         np.testing.assert_allclose(a["c1"], want["c1"], rtol=1e-5, atol=1e-5)
