@@ -146,12 +146,15 @@ def test_refit_picks_the_variant_that_validates_best(rng):
     assert refit(w, big_train, 1, validation=big_val).detail == "sweeps+ls"
 
 
-def test_sampled_patches_equal_the_same_rows_of_im2col(rng):
+@pytest.mark.parametrize("args", [((3, 2), (2, 1), (1, 2), (1, 0, 2, 1)), ((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
+                                  ((5, 5), (2, 2), (1, 1), (2, 2, 2, 2)), ((3, 3), (1, 1), (2, 2), (2, 2, 2, 2)),
+                                  ((1, 3), (1, 2), (1, 1), (0, 3, 0, 0)), ((2, 2), (2, 2), (1, 1), (0, 0, 0, 0))])
+def test_sampled_patches_equal_the_same_rows_of_im2col(rng, args):
+    """Every position, the padded ones included, with asymmetric pads, strides and dilations."""
     from onnx_dwd.fit.stats import sampled_patches
     x = rng.standard_normal((3, 4, 11, 9)).astype(np.float32)
-    args = ((3, 2), (2, 1), (1, 2), (1, 0, 2, 1))
     full = im2col(x, *args)
     b, ho, wo, d = full.shape
-    pick = np.stack([rng.choice(ho * wo, 7, replace=False) for _ in range(b)])
+    pick = np.stack([rng.permutation(ho * wo) for _ in range(b)])
     want = np.take_along_axis(full.reshape(b, ho * wo, d), pick[:, :, None], axis=1)
     assert np.array_equal(sampled_patches(x, pick, *args), want)

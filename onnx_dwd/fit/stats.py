@@ -64,13 +64,21 @@ def sampled_patches(x: np.ndarray, positions: np.ndarray, kernel, strides=(1, 1)
                     pads=(0, 0, 0, 0)) -> np.ndarray:
     """Patches at chosen output positions only: positions [B, P] (flat indices into H'*W') -> [B, P, c*kh*kw].
 
-    Gathers from the window view, so only the sampled patches are copied.
+    Gathers the sampled receptive fields from x itself, reading zeros where
+    they reach into the padding: padding all of x first cost more than the
+    gather when few positions are sampled (a 160x160 map, 36 positions).
     """
-    windows = _windows(x, kernel, strides, dilations, pads)
-    bsz, c, ho, wo = windows.shape[:4]
+    bsz, c, h, w = x.shape
+    (kh, kw), (sh, sw), (dh, dw), (t, l, b, r) = kernel, strides, dilations, pads
+    wo = (w + l + r - (kw - 1) * dw - 1) // sw + 1
     rows, cols = np.divmod(positions, wo)
-    picked = windows[np.arange(bsz)[:, None], :, rows, cols]  # [B, P, c, kh, kw]
-    return picked.reshape(bsz, positions.shape[1], c * kernel[0] * kernel[1])
+    iy = rows[:, :, None] * sh - t + np.arange(kh) * dh  # [B, P, kh] input rows
+    ix = cols[:, :, None] * sw - l + np.arange(kw) * dw  # [B, P, kw] input columns
+    inside = ((iy >= 0) & (iy < h))[:, :, :, None] & ((ix >= 0) & (ix < w))[:, :, None, :]
+    picked = x[np.arange(bsz)[:, None, None, None], :, np.clip(iy, 0, h - 1)[:, :, :, None],
+               np.clip(ix, 0, w - 1)[:, :, None, :]]  # [B, P, kh, kw, c]: the sliced axis goes last
+    picked[~inside] = 0  # exact zeros, as padding (not a product: inf * 0 is nan)
+    return picked.transpose(0, 1, 4, 2, 3).reshape(bsz, positions.shape[1], c * kh * kw)
 
 
 @dataclasses.dataclass
