@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 from threadpoolctl import threadpool_limits
 
 from . import __version__
+from .background import in_background
 from .calib import Calibration
 from .capture import Capture, CaptureSpec, dependency_levels, input_names, output_names, tensor_shapes
 from .config import DATA_FREE_METHODS, OptimizeConfig
@@ -30,7 +31,6 @@ from .fold import fold_affine_into_convs
 from .modelio import check_model, export_graph
 from .planner import Decision
 from .rewrite import replace_conv, replace_conv_with_channel
-from .background import in_background
 from .segments import Lineage
 from .select import ConvLayer, classify_convs
 from .tensors import NameAllocator

@@ -169,7 +169,10 @@ class Lineage:
         run = [n for n in dict.fromkeys(targets + frontier) if n in segment.produced]
         reads = list(dict.fromkeys(segment.inputs + [t for t in targets if t not in segment.produced]))
         joining = [n for n in frontier if first or n not in self.frontier]  # the step 0 feeds are not on disk
-        session = make_session(segment_model(model, segment, run, self.types), threads=self.threads, what=self.what) if run else None
+        session = None
+        if run:
+            session = make_session(segment_model(model, segment, run, self.types), threads=self.threads,
+                                   what=self.what)
         kept_after, types = [], {}
         for index, values in enumerate(self._load(reads)):
             if session is not None:
