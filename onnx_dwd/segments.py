@@ -173,22 +173,23 @@ class Lineage:
         if run:
             session = make_session(segment_model(model, segment, run, self.types), threads=self.threads,
                                    what=self.what)
-        kept_after, types = [], {}
+        types = {}
         for index, values in enumerate(self._load(reads)):
             if session is not None:
                 (outs,) = run_batches(session, [{n: values[n] for n in segment.inputs}], run, what=self.what)
                 values.update(zip(run, outs))
-            kept = {} if first else self.kept[index]
+            if first:
+                self.kept.append({})
+            kept = self.kept[index]  # updated in place: a tensor still in the frontier stays on disk
             for name in [n for n in kept if n not in frontier]:
                 kept.pop(name).path.unlink()
             for name in joining:
                 self.saved += 1
                 kept[name] = _Kept.save(values[name], self.workdir / f"{self.tag}-{index:06d}-{self.saved:08d}.bin")
-            kept_after.append(kept)
             if not types:
                 types = {n: onnx.helper.np_dtype_to_tensor_dtype(values[n].dtype) for n in run}
             yield {t: values[t] for t in targets}
-        self.computed, self.frontier, self.kept = computed, frontier, kept_after
+        self.computed, self.frontier = computed, frontier
         self.types.update(types)
         self.steps += 1
         self.ended = not keep
@@ -218,4 +219,3 @@ class _Kept:
 
     def load(self) -> np.ndarray:
         return np.fromfile(self.path, dtype=self.dtype).reshape(self.shape)
-
