@@ -6,7 +6,7 @@ import pytest
 from onnx_dwd.fit import network_decoupling, reconstruct_weight
 from onnx_dwd.fit.common import assemble
 from onnx_dwd.fit.data import channel, dwd, dwd_comp, reduced_rank_fit, refit
-from onnx_dwd.fit.stats import LayerStats, conv_pads, im2col, relative_error
+from onnx_dwd.fit.stats import LayerStats, ResidualSums, StatsBuffer, conv_pads, im2col, relative_error
 
 FITS = {"dwd": dwd, "dwd_comp": dwd_comp, "refit": refit}
 
@@ -106,6 +106,47 @@ def test_statistics_merge_equals_one_pass(rng):
     for field in ("sxx", "syx", "sx", "sy"):
         assert np.allclose(getattr(merged, field), getattr(whole, field))
     assert merged.count == 300 and np.isclose(merged.syy, whole.syy)
+
+
+def test_buffered_statistics_equal_direct_ones(rng, monkeypatch):
+    import onnx_dwd.fit.stats as stats_module
+    monkeypatch.setattr(stats_module, "BUFFER_BYTES", 4 * 300 * (18 + 4) // 7)  # below the 256-row floor
+    direct, buffered = LayerStats.zeros(4, 9, 2), LayerStats.zeros(4, 9, 2)
+    buffer = StatsBuffer(buffered)
+    assert buffer.rows == 256
+    sizes = [50, 100, 300, 7, 200, 1]  # fills, overflows, bypasses (300 >= rows) and leaves a rest
+    for size in sizes:
+        x, y = rng.standard_normal((size, 18)).astype(np.float32), rng.standard_normal((size, 4)).astype(np.float32)
+        direct.add(x, y)
+        buffer.add(x, y)
+    assert buffered.count < sum(sizes)  # the rest waits for flush
+    buffer.flush()
+    for field in ("sxx", "syx", "sx", "sy"):
+        np.testing.assert_allclose(getattr(buffered, field), getattr(direct, field), rtol=1e-5, atol=1e-4)
+    assert buffered.count == direct.count == sum(sizes) and np.isclose(buffered.syy, direct.syy)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_residual_sums_give_the_relative_error_of_the_statistics(rng, group, with_bias):
+    n, c = 6, 4
+    x = rng.standard_normal((500, c // group * 9 * group)).astype(np.float32) + 0.3
+    y = rng.standard_normal((500, n)).astype(np.float32)
+    weight, bias = rng.standard_normal((n, c // group, 3, 3)), rng.standard_normal(n) if with_bias else None
+    st = LayerStats.zeros(n, c // group * 9, group)
+    st.add(x, y)
+    sums = ResidualSums(weight, bias, group)
+    sums.add(x[:123], y[:123])
+    sums.add(x[123:], y[123:])
+    assert sums.count == 500
+    assert np.isclose(sums.relative_error(), relative_error(st, weight, bias), rtol=1e-5)
+    # a weight that explains y exactly has no error
+    exact = ResidualSums(weight, bias, group)
+    d = c // group * 9
+    ys = np.concatenate([x[:, k * d:(k + 1) * d] @ weight[k * (n // group):(k + 1) * (n // group)].reshape(n // group, -1).T
+                         for k in range(group)], axis=1) + (0 if bias is None else bias)
+    exact.add(x, ys.astype(np.float32))
+    assert exact.relative_error() < 1e-5
 
 
 @pytest.mark.parametrize("kernel,strides,dilations,pads,auto_pad", [

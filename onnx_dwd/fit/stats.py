@@ -146,6 +146,81 @@ class LayerStats:
         return mx, my, cxx, cyx
 
 
+class ResidualSums:
+    """|Y - (W x + b)|^2 and |Y|^2 of one conv summed over positions: a fitted weight's
+    error on data it was not fitted on. n*d per position, where LayerStats costs d^2 + n*d.
+
+    weight: [n, c/G, kh, kw] (reconstructed or original); bias [n] or None.
+    """
+
+    def __init__(self, weight: np.ndarray, bias: Optional[np.ndarray], group: int = 1):
+        n = weight.shape[0]
+        self.group = group
+        # one [d, n/G] matrix per group, in float32 like the patches (sums in float64)
+        self.maps = [m.T.astype(np.float32) for m in np.split(weight.reshape(n, -1), group)]
+        self.bias = np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32)
+        self.err = 0.0
+        self.syy = 0.0
+        self.count = 0
+
+    def add(self, patches: np.ndarray, outputs: np.ndarray) -> None:
+        """patches [P, G*d], outputs [P, n] (as LayerStats.add)."""
+        x = patches.reshape(len(patches), self.group, -1)
+        ng = len(self.bias) // self.group
+        for k, m in enumerate(self.maps):
+            y = outputs[:, k * ng:(k + 1) * ng]
+            r = y - (x[:, k] @ m + self.bias[k * ng:(k + 1) * ng])
+            self.err += float(np.einsum("ij,ij->", r, r, dtype=np.float64))
+            self.syy += float(np.einsum("ij,ij->", y, y, dtype=np.float64))
+        self.count += len(patches)
+
+    def relative_error(self) -> float:
+        """|Y - (W x + b)| / |Y|, uncentred like relative_error()."""
+        return float(np.sqrt(self.err / self.syy)) if self.syy > 0 else 0.0
+
+
+#: Bytes of positions StatsBuffer gathers before adding them: a product over the few dozen
+#: positions one image gives a sampled layer runs at half BLAS's speed or less, and adding
+#: each d x d product into the float64 sums costs half as much again.
+BUFFER_BYTES = 8 * 2**20
+
+
+class StatsBuffer:
+    """Positions on their way into one LayerStats, added in blocks of `rows` (flush() adds the rest).
+
+    max_bytes: the buffer's size in float32 (at least 256 positions, at most CHUNK_ROWS).
+    """
+
+    def __init__(self, stats: LayerStats, max_bytes: Optional[int] = None):
+        self.stats = stats
+        width = stats.sx.size + stats.sy.size  # G*d patch values and n outputs per position
+        self.rows = int(np.clip((max_bytes or BUFFER_BYTES) // (4 * width), 256, CHUNK_ROWS))
+        self.patches: Optional[np.ndarray] = None
+        self.outputs: Optional[np.ndarray] = None
+        self.used = 0
+
+    def add(self, patches: np.ndarray, outputs: np.ndarray) -> None:
+        """Like LayerStats.add: patches [P, G*d], outputs [P, n]."""
+        if len(patches) >= self.rows:
+            self.flush()
+            self.stats.add(patches, outputs)
+            return
+        if self.patches is None or self.patches.dtype != patches.dtype or self.outputs.dtype != outputs.dtype:
+            self.flush()
+            self.patches = np.empty((self.rows, patches.shape[1]), patches.dtype)
+            self.outputs = np.empty((self.rows, outputs.shape[1]), outputs.dtype)
+        if self.used + len(patches) > self.rows:
+            self.flush()
+        self.patches[self.used:self.used + len(patches)] = patches
+        self.outputs[self.used:self.used + len(patches)] = outputs
+        self.used += len(patches)
+
+    def flush(self) -> None:
+        if self.used:
+            self.stats.add(self.patches[:self.used], self.outputs[:self.used])
+            self.used = 0
+
+
 def relative_error(stats: LayerStats, weight: np.ndarray, bias: Optional[np.ndarray]) -> float:
     """|Y - (W x + b)| / |Y| over the positions summed in stats (uncentred, as the paper).
 
