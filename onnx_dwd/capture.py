@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .fit.stats import LayerStats, conv_pads, im2col, sampled_patches
+from .fit.stats import BUFFER_BYTES, LayerStats, ResidualSums, StatsBuffer, conv_pads, im2col, sampled_patches
 from .runtimes import make_session, run_batches
 from .segments import Feeds, Lineage
 from .select import ConvLayer
@@ -123,6 +123,9 @@ def _toposorted(graph: gs.Graph) -> List[gs.Node]:
 
 #: Elements of one im2col patch matrix (float32: 4 bytes each).
 IM2COL_BUDGET = 16 * 2**20
+#: Bytes of all of a Capture's StatsBuffers: without inter-layer compensation every layer
+#: of the model is captured at once.
+BUFFERS_BYTES = 64 * 2**20
 
 
 def input_names(specs: Sequence[CaptureSpec]) -> List[str]:
@@ -131,6 +134,18 @@ def input_names(specs: Sequence[CaptureSpec]) -> List[str]:
 
 def output_names(specs: Sequence[CaptureSpec]) -> List[str]:
     return list(dict.fromkeys(s.output_name for s in specs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampled:
+    """One conv's outputs over a batch at the positions its statistics use.
+
+    y [B, P, n]; positions [B, P]: flat indices into the output's H'*W'
+    (None: every position, in order).
+    """
+
+    y: np.ndarray
+    positions: Optional[np.ndarray]
 
 
 class Capture:
@@ -143,6 +158,9 @@ class Capture:
     layer in total (d: its patch size), evenly from `images` images (None: no
     such limit). The d x d statistics need some multiple of d positions; past
     that, more positions cost time (d^2 each) and add little.
+
+    Positions are added to the statistics in blocks (StatsBuffer): call
+    flush() before reading any of them.
     """
 
     def __init__(self, specs: Sequence[CaptureSpec], positions_per_image: Optional[int] = None, seed: int = 0,
@@ -156,16 +174,52 @@ class Capture:
                 self.limits[s.name] = min(share, positions_per_image or share)
         self.rng = np.random.default_rng(seed)
         self.images = 0
+        self.buffers: Dict[int, StatsBuffer] = {}  # by id of the LayerStats (each buffer holds its stats)
+        # fit and validation statistics per spec share the buffer memory
+        self.buffer_bytes = int(np.clip(BUFFERS_BYTES // max(2 * len(self.specs), 1), 2**20, BUFFER_BYTES))
 
     def new_stats(self) -> Dict[str, LayerStats]:
         return {s.name: LayerStats.zeros(s.out_channels, s.in_channels // s.group * s.kernel[0] * s.kernel[1],
                                          s.group) for s in self.specs}
 
+    def flush(self) -> None:
+        """Add every buffered position to its statistics and free the buffers."""
+        for buffer in self.buffers.values():
+            buffer.flush()
+        self.buffers.clear()
+
+    def _buffer(self, stats: LayerStats) -> StatsBuffer:
+        buffer = self.buffers.get(id(stats))
+        if buffer is None:
+            buffer = self.buffers[id(stats)] = StatsBuffer(stats, self.buffer_bytes)
+        return buffer
+
+    def sample(self, outputs: Dict[str, np.ndarray]) -> Dict[str, Sampled]:
+        """Each spec's output (by tensor name, [B, n, H', W']) at the positions drawn for it."""
+        sampled = {}
+        for spec in self.specs:
+            y = outputs[spec.output_name]
+            per_image = int(np.prod(y.shape[2:]))
+            outs = y.reshape(len(y), y.shape[1], -1).transpose(0, 2, 1)  # [B, H'W', n], a view
+            limit = self.limits[spec.name]
+            if limit and limit < per_image:
+                pick = np.stack([self.rng.choice(per_image, limit, replace=False) for _ in range(len(y))])
+                sampled[spec.name] = Sampled(np.take_along_axis(outs, pick[:, :, None], axis=1), pick)
+            else:
+                sampled[spec.name] = Sampled(outs, None)
+        return sampled
+
     def add(self, inputs: Dict[str, np.ndarray], outputs: Dict[str, np.ndarray], stats: Dict[str, LayerStats],
             validation: Optional[Dict[str, LayerStats]] = None, period: int = 4) -> None:
         """Accumulate one batch into stats; with `validation`, every period-th image
         (counted across calls) goes there instead. inputs / outputs: by tensor name."""
-        batch = len(next(iter(outputs.values())))
+        self.add_sampled(inputs, self.sample(outputs), stats, validation, period)
+
+    def add_sampled(self, inputs: Dict[str, np.ndarray], sampled: Dict[str, Sampled],
+                    stats: Dict[str, LayerStats], validation: Optional[Dict[str, LayerStats]] = None,
+                    period: int = 4) -> None:
+        """add() with the outputs already sampled (by spec name, from sample())."""
+        batch = len(next(iter(sampled.values())).y)
         index = self.images + np.arange(batch)
         self.images += batch
         routes = [(stats, np.arange(batch))]
@@ -173,36 +227,33 @@ class Capture:
             to_val = index % period == period - 1
             routes = [(stats, np.flatnonzero(~to_val)), (validation, np.flatnonzero(to_val))]
         for target, rows in routes:
+            sinks = {name: self._buffer(st) for name, st in target.items()}
             if len(rows) == batch:  # one route takes everything: no copies
-                self._accumulate(inputs, outputs, target)
+                self._accumulate(inputs, sampled, sinks)
             elif len(rows):
                 self._accumulate({k: v[rows] for k, v in inputs.items()},
-                                 {k: v[rows] for k, v in outputs.items()}, target)
+                                 {k: Sampled(s.y[rows], None if s.positions is None else s.positions[rows])
+                                  for k, s in sampled.items()}, sinks)
 
-    def _accumulate(self, inputs, outputs, stats) -> None:
+    def add_residuals(self, inputs: Dict[str, np.ndarray], sampled: Dict[str, Sampled],
+                      sums: Dict[str, ResidualSums]) -> None:
+        """Accumulate one batch's errors of fitted weights (by spec name) at the sampled positions."""
+        self._accumulate(inputs, sampled, sums)
+
+    def _accumulate(self, inputs, sampled, sinks) -> None:
+        """Each spec's patches and outputs, a bounded number of images at a time, into sinks[spec.name]."""
         for spec in self.specs:
             x = inputs[spec.input_name]
-            y = outputs[spec.output_name]
-            if len(x) != len(y):
-                raise RuntimeError(f"internal: {spec.name}: {len(x)} inputs but {len(y)} outputs in a batch")
-            per_image = int(np.prod(y.shape[2:]))
+            s = sampled[spec.name]
+            if len(x) != len(s.y):
+                raise RuntimeError(f"internal: {spec.name}: {len(x)} inputs but {len(s.y)} outputs in a batch")
             d = x.shape[1] * spec.kernel[0] * spec.kernel[1]
-            step = max(1, IM2COL_BUDGET // max(per_image * d, 1))  # images per im2col, bounding memory
-            limit = self.limits[spec.name]
-            sample = bool(limit and limit < per_image)
-            if sample:  # the sampled patches are gathered directly: far less memory, more images per step
-                step = max(1, IM2COL_BUDGET // max(limit * d, 1))
+            # images per im2col, bounding memory; the sampled patches are gathered directly
+            step = max(1, IM2COL_BUDGET // max(s.y.shape[1] * d, 1))
             for b in range(0, x.shape[0], step):
                 xs = x[b:b + step]
-                outs = y[b:b + step].reshape(len(xs), y.shape[1], -1).transpose(0, 2, 1)  # [B, H'W', n]
-                if sample:
-                    pick = np.stack([self.rng.choice(per_image, limit, replace=False)
-                                     for _ in range(len(xs))])
-                    patches = spec.patches(xs, pick)
-                    outs = np.take_along_axis(outs, pick[:, :, None], axis=1)
-                else:
-                    patches = spec.patches(xs)  # [B, H'W', d]
-                stats[spec.name].add(patches.reshape(-1, d), outs.reshape(-1, y.shape[1]))
+                patches = spec.patches(xs, None if s.positions is None else s.positions[b:b + step])
+                sinks[spec.name].add(patches.reshape(-1, d), s.y[b:b + step].reshape(-1, s.y.shape[2]))
 
 
 def capture_stats(model: onnx.ModelProto, specs: Sequence[CaptureSpec], feeds: Feeds,
@@ -215,4 +266,5 @@ def capture_stats(model: onnx.ModelProto, specs: Sequence[CaptureSpec], feeds: F
     names = input_names(specs) + output_names(specs)
     for values in Lineage(feeds, what=what).step(model, names, keep=False):
         capture.add(values, values, stats, validation)
+    capture.flush()
     return stats

@@ -26,10 +26,11 @@ from .cost import channel_macs, channels_for_rank, conv_macs, decomposed_macs
 from .errors import DwdError
 from .fit import network_decoupling, reconstruct_weight
 from .fit.data import channel, dwd, dwd_comp, refit
-from .fit.stats import relative_error
+from .fit.stats import ResidualSums
 from .fold import fold_affine_into_convs
 from .modelio import check_model, export_graph
 from .planner import Decision
+from .reference import ReferenceOutputs
 from .rewrite import replace_conv, replace_conv_with_channel
 from .segments import Lineage
 from .select import ConvLayer, classify_convs
@@ -68,9 +69,9 @@ class Decomposed:
     inter_layer: bool
 
 
-def _fit_and_replace(graph, layer, entry, method, rank, graph_form, config, names, fit_stats, held_stats,
-                     val_stats=None):
-    """Fit one candidate at rank (in graph_form), rewrite it in graph, fill its report entry."""
+def _fit_and_replace(graph, layer, entry, method, rank, graph_form, config, names, fit_stats, val_stats=None):
+    """Fit one candidate at rank (in graph_form), rewrite it in graph, fill its report entry.
+    Returns the weight and bias the new nodes compute together ([n, c/G, kh, kw], [n] or None)."""
     w = layer.weight.astype(np.float64)
     out_shape = entry["output_shape"]
     if method == "channel":
@@ -100,8 +101,7 @@ def _fit_and_replace(graph, layer, entry, method, rank, graph_form, config, name
             entry["macs_after"] = decomposed_macs(out_shape, layer.out_channels, layer.in_channels,
                                                   layer.group, layer.kernel, dec.rank)
     entry["weight_rel_error"] = float(np.linalg.norm(rebuilt - w) / max(np.linalg.norm(w), 1e-30))
-    if held_stats is not None and held_stats.count:
-        entry["rel_error"] = relative_error(held_stats, rebuilt, bias)
+    return rebuilt, bias
 
 
 #: onnxruntime threads of each of the two passes of a calibrated run. They run beside each
@@ -112,58 +112,89 @@ PASS_THREADS = max(1, (os.cpu_count() or 2) // 2)
 
 def _fit_levels(graph, original, prepared, levels, entries, plan, method, config, names, calibration, workdir,
                 inter_layer, what, progress) -> None:
-    """Capture and fit level by level. Each level's inputs come from the model whose lower
-    levels are already replaced (with inter_layer), its outputs from the original; the
-    Lineages run every node of either model once over each part of the data."""
+    """Capture and fit level by level. With inter_layer, each level's inputs come from the
+    model whose lower levels are already replaced (a Lineage: every node run once over each
+    part of the data) and its outputs from one pass of the original (ReferenceOutputs)."""
     needs_fit_data = method not in DATA_FREE_METHODS
     parts = {"fit": calibration.fit, "held-out": calibration.holdout} if needs_fit_data \
         else {"held-out": calibration.holdout}
-
-    def lineages(tag):
-        return {p: Lineage(part.batches, workdir, f"{tag}-{p}", what, PASS_THREADS) for p, part in parts.items()}
-
-    reference, current = lineages("reference"), lineages("current")
+    current = {p: Lineage(part.batches, workdir, f"current-{p}", what, PASS_THREADS) for p, part in parts.items()}
+    reference = _record_reference(prepared, levels, parts, config, calibration.fit.count, workdir, what,
+                                  progress) if inter_layer else None
     for index, group in enumerate(levels):
         graph.cleanup().toposort()
         last = index == len(levels) - 1
-        from_current = inter_layer and index > 0
-        model = export_graph(graph, original) if from_current else None
+        model = export_graph(graph, original) if index > 0 else prepared
         specs = [CaptureSpec.of(l) for l in group]
-        # fit.count counts items: with batched arrays the budget over-samples, never under
-        capture = Capture(specs, config.positions_per_image, config.seed + index, config.position_budget,
-                          calibration.fit.count)
-        stats = {p: capture.new_stats() for p in parts}
+        capture = _capture(specs, config, calibration.fit.count, config.seed + index)
+        stage = f"level {index + 1}/{len(levels)}" if inter_layer else "capture"
+
+        def each_batch(p, label, consume):
+            """consume(inputs, sampled outputs) for every batch of part p, this level's pass
+            running in a worker thread meanwhile."""
+            if inter_layer:
+                inputs = in_background(current[p].step(model, input_names(specs), keep=not last))
+                batches = _paired(reference[p].replay(index), inputs)
+            else:  # inputs and outputs from one pass of the original
+                inputs = in_background(current[p].step(model, input_names(specs) + output_names(specs),
+                                                       keep=False))
+                batches = ((values, capture.sample(values)) for values in inputs)
+            try:
+                for xs, ys in progress(batches, label, None):
+                    consume(xs, ys)
+            finally:  # an error here stops the worker before workdir goes
+                inputs.close()
+
+        stats = capture.new_stats()
         # refit picks its variant on images of the fit data it does not fit on first
         val_stats = capture.new_stats() if method == "refit" and config.refit_variant == "auto" else None
-        stage = f"level {index + 1}/{len(levels)}" if inter_layer else "capture"
-        ref_names = output_names(specs) + ([] if from_current else input_names(specs))
-        for p in parts:
-            # without inter-layer compensation nothing is read after the level's pass
-            outputs = reference[p].step(prepared, ref_names, keep=inter_layer and not last)
-            inputs = current[p].step(model, input_names(specs), keep=not last) if from_current else None
-            label = f"{stage}: {p} data" + (f", {len(group)} layers" if p == "fit" else "")
-            # each pass runs in a worker thread while this one accumulates the statistics
-            outputs = in_background(outputs)
-            inputs = in_background(inputs) if inputs is not None else None
-            try:
-                for xs, ys in progress(_paired(outputs, inputs), label, None):
-                    capture.add(xs, ys, stats[p], val_stats if p == "fit" else None)
-            finally:  # an error here stops the workers before workdir goes
-                outputs.close()
-                if inputs is not None:
-                    inputs.close()
+        if needs_fit_data:
+            each_batch("fit", f"{stage}: fit data, {len(group)} layers",
+                       lambda xs, ys: capture.add_sampled(xs, ys, stats, val_stats))
+            capture.flush()
+        errors = {}
         for layer in progress(group, f"{stage}: fitting ({method})", len(group)):
-            _fit_and_replace(graph, layer, entries[layer.name], method, *plan[layer.name], config, names,
-                             stats["fit"][layer.name] if needs_fit_data else None, stats["held-out"][layer.name],
-                             val_stats[layer.name] if val_stats else None)
+            weight, bias = _fit_and_replace(graph, layer, entries[layer.name], method, *plan[layer.name], config,
+                                            names, stats[layer.name] if needs_fit_data else None,
+                                            val_stats[layer.name] if val_stats else None)
+            errors[layer.name] = ResidualSums(weight, bias, layer.group)
+        # the fitted weights' own errors: cheaper than held-out statistics (n d per position, not d^2)
+        each_batch("held-out", f"{stage}: held-out data", lambda xs, ys: capture.add_residuals(xs, ys, errors))
+        for name, sums in errors.items():
+            if sums.count:
+                entries[name]["rel_error"] = sums.relative_error()
+
+
+def _capture(specs, config, fit_images, seed) -> Capture:
+    # fit_images counts items: with batched arrays the budget over-samples, never under
+    return Capture(specs, config.positions_per_image, seed, config.position_budget, fit_images)
+
+
+def _record_reference(prepared, levels, parts, config, fit_images, workdir, what, progress
+                      ) -> Dict[str, ReferenceOutputs]:
+    """One pass of the original over each part, its candidates' outputs kept at the positions
+    each layer's statistics will use."""
+    specs = [CaptureSpec.of(l) for group in levels for l in group]
+    capture = _capture(specs, config, fit_images, config.seed)
+    stores = {}
+    for p, part in parts.items():
+        store = ReferenceOutputs(workdir, f"reference-{p}", [[l.name for l in group] for group in levels])
+        # nothing else runs meanwhile: onnxruntime takes every core
+        outputs = in_background(Lineage(part.batches, what=what).step(prepared, output_names(specs), keep=False))
+        try:
+            store.record(capture.sample(ys) for ys in progress(outputs, f"original model: {p} data", None))
+        finally:
+            outputs.close()
+        stores[p] = store
+    return stores
 
 
 def _paired(outputs, inputs):
-    """(inputs, outputs) per batch of the two models' passes; inputs None: both from outputs."""
+    """(inputs, outputs) per batch of two streams over the same batches."""
     for ys in outputs:
-        yield (next(inputs) if inputs is not None else ys), ys
-    if inputs is not None and next(inputs, None) is not None:
-        raise RuntimeError("internal: the two models' passes yielded different batch counts")
+        yield next(inputs), ys
+    if next(inputs, None) is not None:
+        raise RuntimeError("internal: the two streams yielded different batch counts")
 
 
 def decompose_model(original: onnx.ModelProto, config: OptimizeConfig,
@@ -235,7 +266,7 @@ def _decompose(original, config, shape_feed, calibration, what, progress, decisi
     inter_layer = config.inter_layer and method not in DATA_FREE_METHODS and calibration is not None
     if calibration is None:
         for layer in candidates:
-            _fit_and_replace(graph, layer, entries[layer.name], method, *plan[layer.name], config, names, None, None)
+            _fit_and_replace(graph, layer, entries[layer.name], method, *plan[layer.name], config, names, None)
     else:
         levels = dependency_levels(graph, candidates) if inter_layer else [candidates]
         levels = [group for group in levels if group]  # every candidate may be kept

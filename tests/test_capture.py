@@ -175,6 +175,7 @@ def test_capture_takes_inputs_from_current_and_outputs_from_reference(rng, tmp_p
     xs = Lineage(lambda: feeds, tmp_path, "cur").step(current, input_names(specs), keep=False)
     for y, x in zip(ys, xs):
         capture.add(x, y, stats)
+    capture.flush()
     ref_vals = [intermediates(reference, f, ["c1"]) for f in feeds]
     cur_vals = [intermediates(current, f, ["r1"]) for f in feeds]
     x = np.concatenate([f["x"] for f in feeds])
