@@ -104,9 +104,8 @@ def _fit_and_replace(graph, layer, entry, method, rank, graph_form, config, name
     return rebuilt, bias
 
 
-#: onnxruntime threads of each of the two passes of a calibrated run. They run beside each
-#: other and the statistics (YOLOv8n, 256 images on 2 cores: 45 s with one thread each, 51 s
-#: with onnxruntime's default of one per core).
+#: onnxruntime threads of a level's pass, which runs beside the statistics (YOLOv8n, 256
+#: images on 2 cores, rank 1: 58-59 s with one thread, 61-63 s with two).
 PASS_THREADS = max(1, (os.cpu_count() or 2) // 2)
 
 
