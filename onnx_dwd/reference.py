@@ -80,6 +80,3 @@ class ReferenceOutputs:
                 yield batch
         self.paths[level].unlink()
 
-    def nbytes(self) -> int:
-        """Bytes on disk now (levels not replayed yet)."""
-        return sum(p.stat().st_size for p in self.paths if p.exists())
