@@ -79,4 +79,3 @@ class ReferenceOutputs:
                     batch[e.name] = Sampled(y, positions)
                 yield batch
         self.paths[level].unlink()
-
