@@ -9,6 +9,10 @@ batches and memory does not grow with the number of images:
     sxx [G, d, d] = sum x x^T   per group, d = (c/G)*kh*kw
     syx [n, d]    = sum y x^T   (row o pairs with its group's patch)
     sx  [G, d], sy [n], syy = sum |y|^2, count
+
+StatsBuffer gathers positions into blocks before they are added (a product
+over few rows is slow); ResidualSums measures one fitted weight's error
+directly, for data that is only scored, not fitted on.
 """
 
 from __future__ import annotations
