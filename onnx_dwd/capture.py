@@ -123,8 +123,8 @@ def _toposorted(graph: gs.Graph) -> List[gs.Node]:
 
 #: Elements of one im2col patch matrix (float32: 4 bytes each).
 IM2COL_BUDGET = 16 * 2**20
-#: Bytes of all of a Capture's StatsBuffers: without inter-layer compensation every layer
-#: of the model is captured at once.
+#: Bytes a Capture's StatsBuffers aim to share (each takes at least 1 MB and 256 positions):
+#: without inter-layer compensation every layer of the model is captured at once.
 BUFFERS_BYTES = 64 * 2**20
 
 

@@ -117,6 +117,8 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
     needs_fit_data = method not in DATA_FREE_METHODS
     parts = {"fit": calibration.fit, "held-out": calibration.holdout} if needs_fit_data \
         else {"held-out": calibration.holdout}
+    # an empty part (--holdout 0) has nothing to pass; its Lineage would not even learn tensor types
+    parts = {p: part for p, part in parts.items() if part.count}
     current = {p: Lineage(part.batches, workdir, f"current-{p}", what, PASS_THREADS) for p, part in parts.items()}
     reference = _record_reference(prepared, levels, parts, config, calibration.fit.count, workdir, what,
                                   progress) if inter_layer else None
@@ -141,13 +143,14 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
             try:
                 for xs, ys in progress(batches, label, None):
                     consume(xs, ys)
-            finally:  # an error here stops the worker before workdir goes
+            finally:  # an error here stops the worker before workdir goes, and closes the level's file
                 inputs.close()
+                batches.close()
 
         stats = capture.new_stats()
         # refit picks its variant on images of the fit data it does not fit on first
         val_stats = capture.new_stats() if method == "refit" and config.refit_variant == "auto" else None
-        if needs_fit_data:
+        if "fit" in parts:
             each_batch("fit", f"{stage}: fit data, {len(group)} layers",
                        lambda xs, ys: capture.add_sampled(xs, ys, stats, val_stats))
             capture.flush()
@@ -158,7 +161,8 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
                                             val_stats[layer.name] if val_stats else None)
             errors[layer.name] = ResidualSums(weight, bias, layer.group)
         # the fitted weights' own errors: cheaper than held-out statistics (n d per position, not d^2)
-        each_batch("held-out", f"{stage}: held-out data", lambda xs, ys: capture.add_residuals(xs, ys, errors))
+        if "held-out" in parts:
+            each_batch("held-out", f"{stage}: held-out data", lambda xs, ys: capture.add_residuals(xs, ys, errors))
         for name, sums in errors.items():
             if sums.count:
                 entries[name]["rel_error"] = sums.relative_error()
@@ -178,7 +182,7 @@ def _record_reference(prepared, levels, parts, config, fit_images, workdir, what
     stores = {}
     for p, part in parts.items():
         store = ReferenceOutputs(workdir, f"reference-{p}", [[l.name for l in group] for group in levels])
-        # nothing else runs meanwhile: onnxruntime takes every core
+        # onnxruntime takes every core: this thread only samples and writes
         outputs = in_background(Lineage(part.batches, what=what).step(prepared, output_names(specs), keep=False))
         try:
             store.record(capture.sample(ys) for ys in progress(outputs, f"original model: {p} data", None))
@@ -191,7 +195,10 @@ def _record_reference(prepared, levels, parts, config, fit_images, workdir, what
 def _paired(outputs, inputs):
     """(inputs, outputs) per batch of two streams over the same batches."""
     for ys in outputs:
-        yield next(inputs), ys
+        xs = next(inputs, None)
+        if xs is None:
+            raise RuntimeError("internal: the two streams yielded different batch counts")
+        yield xs, ys
     if next(inputs, None) is not None:
         raise RuntimeError("internal: the two streams yielded different batch counts")
 
@@ -268,10 +275,11 @@ def _decompose(original, config, shape_feed, calibration, what, progress, decisi
             _fit_and_replace(graph, layer, entries[layer.name], method, *plan[layer.name], config, names, None)
     else:
         levels = dependency_levels(graph, candidates) if inter_layer else [candidates]
-        levels = [group for group in levels if group]  # every candidate may be kept
-        with tempfile.TemporaryDirectory(prefix="onnx-dwd-levels-") as workdir:
-            _fit_levels(graph, original, prepared, levels, entries, plan, method, config, names, calibration,
-                        Path(workdir), inter_layer, what, progress)
+        levels = [group for group in levels if group]  # every candidate may be kept: nothing to pass over
+        if levels:
+            with tempfile.TemporaryDirectory(prefix="onnx-dwd-levels-") as workdir:
+                _fit_levels(graph, original, prepared, levels, entries, plan, method, config, names, calibration,
+                            Path(workdir), inter_layer, what, progress)
     graph.cleanup().toposort()
     model = export_graph(graph, original)
     kept = [p for p in model.metadata_props if p.key != "onnx_dwd"]  # a model optimized before

@@ -12,6 +12,7 @@ that level is fitted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
@@ -43,11 +44,15 @@ class ReferenceOutputs:
         self.paths = [Path(workdir) / f"{tag}-level{index:03d}.bin" for index in range(len(levels))]
         self.layout: List[List[List[_Entry]]] = [[] for _ in levels]  # level -> batch -> entries
         self.batches = 0
+        self.recorded = False
 
     def record(self, batches: Iterable[Dict[str, Sampled]]) -> None:
-        """Write every batch's sampled outputs (by layer name), each level's to its file."""
-        files = [open(path, "wb") for path in self.paths]
-        try:
+        """Write every batch's sampled outputs (by layer name), each level's to its file. Once."""
+        if self.recorded:
+            raise RuntimeError("internal: ReferenceOutputs.record runs once")
+        self.recorded = True
+        with contextlib.ExitStack() as stack:
+            files = [stack.enter_context(open(path, "wb")) for path in self.paths]
             for sampled in batches:
                 for names, file, layout in zip(self.levels, files, self.layout):
                     entries = []
@@ -60,9 +65,6 @@ class ReferenceOutputs:
                                               None if s.positions is None else s.positions.shape))
                     layout.append(entries)
                 self.batches += 1
-        finally:
-            for file in files:
-                file.close()
 
     def replay(self, level: int) -> Iterator[Dict[str, Sampled]]:
         """Yield level's sampled outputs batch by batch, in recorded order; the file is

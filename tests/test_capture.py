@@ -383,6 +383,18 @@ def test_full_rank_refit_on_sampled_positions_still_reproduces_the_original(e2e,
     assert all(l["rel_error"] < 1e-3 for l in report["layers"])
 
 
+@pytest.mark.parametrize("inter_layer", [True, False])
+def test_nothing_held_out_fits_every_level_without_per_layer_errors(e2e, inter_layer):
+    """--holdout 0: the held-out part is empty, so its passes learn no tensor types; the
+    levels after the first read tensors that only earlier steps computed."""
+    folder, feeds = e2e
+    config = OptimizeConfig(method="refit", rank=1, holdout=0, inter_layer=inter_layer, measure_latency=False)
+    report = optimize(folder / "m.onnx", folder / "no_holdout.onnx", config, calibration=feeds)
+    assert [l["decomposed"] for l in report["layers"]] == [True, True, True]
+    assert all(l["rel_error"] is None for l in report["layers"])
+    onnx.checker.check_model(onnx.load(folder / "no_holdout.onnx"))
+
+
 def test_no_inter_layer_is_reported_and_changes_the_fit(e2e, reports):
     folder, feeds = e2e
     report = optimize(folder / "m.onnx", folder / "noil.onnx", OptimizeConfig(method="refit", rank=1, inter_layer=False, measure_latency=False),
