@@ -147,7 +147,7 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
                 inputs.close()
                 batches.close()
 
-        stats = capture.new_stats()
+        stats = capture.new_stats() if needs_fit_data else None  # d x d each: only for the fits that read them
         # refit picks its variant on images of the fit data it does not fit on first
         val_stats = capture.new_stats() if method == "refit" and config.refit_variant == "auto" else None
         if "fit" in parts:
@@ -157,7 +157,7 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
         errors = {}
         for layer in progress(group, f"{stage}: fitting ({method})", len(group)):
             weight, bias = _fit_and_replace(graph, layer, entries[layer.name], method, *plan[layer.name], config,
-                                            names, stats[layer.name] if needs_fit_data else None,
+                                            names, stats[layer.name] if stats is not None else None,
                                             val_stats[layer.name] if val_stats else None)
             errors[layer.name] = ResidualSums(weight, bias, layer.group)
         # the fitted weights' own errors: cheaper than held-out statistics (n d per position, not d^2)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Sequence
 
 import numpy as np
 
@@ -28,8 +28,8 @@ class _Entry:
 
     name: str
     y_dtype: np.dtype
-    y_shape: tuple
-    positions_shape: Optional[tuple]
+    y_shape: tuple  # [B, P, n]; positions, when kept, are [B, P]
+    sampled: bool
 
 
 #: Positions are stored as int32: an output map has far fewer than 2**31 positions.
@@ -43,8 +43,12 @@ class ReferenceOutputs:
         self.levels = [list(names) for names in levels]
         self.paths = [Path(workdir) / f"{tag}-level{index:03d}.bin" for index in range(len(levels))]
         self.layout: List[List[List[_Entry]]] = [[] for _ in levels]  # level -> batch -> entries
-        self.batches = 0
         self.recorded = False
+
+    @property
+    def batches(self) -> int:
+        """Batches recorded so far."""
+        return len(self.layout[0]) if self.layout else 0
 
     def record(self, batches: Iterable[Dict[str, Sampled]]) -> None:
         """Write every batch's sampled outputs (by layer name), each level's to its file. Once."""
@@ -61,10 +65,8 @@ class ReferenceOutputs:
                         np.ascontiguousarray(s.y).tofile(file)
                         if s.positions is not None:
                             s.positions.astype(_POSITION_DTYPE).tofile(file)
-                        entries.append(_Entry(name, s.y.dtype, s.y.shape,
-                                              None if s.positions is None else s.positions.shape))
+                        entries.append(_Entry(name, s.y.dtype, s.y.shape, s.positions is not None))
                     layout.append(entries)
-                self.batches += 1
 
     def replay(self, level: int) -> Iterator[Dict[str, Sampled]]:
         """Yield level's sampled outputs batch by batch, in recorded order; the file is
@@ -75,9 +77,8 @@ class ReferenceOutputs:
                 for e in entries:
                     y = np.fromfile(file, e.y_dtype, int(np.prod(e.y_shape))).reshape(e.y_shape)
                     positions = None
-                    if e.positions_shape is not None:
-                        positions = np.fromfile(file, _POSITION_DTYPE,
-                                                int(np.prod(e.positions_shape))).reshape(e.positions_shape)
+                    if e.sampled:
+                        positions = np.fromfile(file, _POSITION_DTYPE, y.shape[0] * y.shape[1]).reshape(y.shape[:2])
                     batch[e.name] = Sampled(y, positions)
                 yield batch
         self.paths[level].unlink()
