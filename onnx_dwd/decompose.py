@@ -6,6 +6,7 @@ replaced; optimize() (api.py) and the budgeted choice (selection.py) call it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -110,18 +111,21 @@ PASS_THREADS = max(1, (os.cpu_count() or 2) // 2)
 
 
 def _fit_levels(graph, original, prepared, levels, entries, plan, method, config, names, calibration, workdir,
-                inter_layer, what, progress) -> None:
+                inter_layer, what, progress, reference=None) -> None:
     """Capture and fit level by level. With inter_layer, each level's inputs come from the
     model whose lower levels are already replaced (a Lineage: every node run once over each
-    part of the data) and its outputs from one pass of the original (ReferenceOutputs)."""
+    part of the data) and its outputs from one pass of the original (ReferenceOutputs:
+    recorded here, or given by the caller to share between models, covering every level)."""
     needs_fit_data = method not in DATA_FREE_METHODS
-    parts = {"fit": calibration.fit, "held-out": calibration.holdout} if needs_fit_data \
-        else {"held-out": calibration.holdout}
-    # an empty part (--holdout 0) has nothing to pass; its Lineage would not even learn tensor types
-    parts = {p: part for p, part in parts.items() if part.count}
+    parts = calibration_parts(calibration, needs_fit_data)
     current = {p: Lineage(part.batches, workdir, f"current-{p}", what, PASS_THREADS) for p, part in parts.items()}
-    reference = _record_reference(prepared, levels, parts, config, calibration.fit.count, workdir, what,
-                                  progress) if inter_layer else None
+    shared = reference is not None
+    if shared and (set(reference) != set(parts) or any(l.name not in reference[p].paths for p in parts
+                                                         for group in levels for l in group)):
+        raise RuntimeError("internal: the shared reference outputs do not cover these parts and layers")
+    if inter_layer and not shared:
+        reference = _record_reference(prepared, [l for group in levels for l in group], parts, config,
+                                      calibration.fit.count, workdir, what, progress)
     for index, group in enumerate(levels):
         graph.cleanup().toposort()
         last = index == len(levels) - 1
@@ -135,7 +139,7 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
             running in a worker thread meanwhile."""
             if inter_layer:
                 inputs = in_background(current[p].step(model, input_names(specs), keep=not last))
-                batches = _paired(reference[p].replay(index), inputs)
+                batches = _paired(reference[p].replay([l.name for l in group], delete=not shared), inputs)
             else:  # inputs and outputs from one pass of the original
                 inputs = in_background(current[p].step(model, input_names(specs) + output_names(specs),
                                                        keep=False))
@@ -143,7 +147,7 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
             try:
                 for xs, ys in progress(batches, label, None):
                     consume(xs, ys)
-            finally:  # an error here stops the worker before workdir goes, and closes the level's file
+            finally:  # an error here stops the worker before workdir goes, and closes the level's files
                 inputs.close()
                 batches.close()
 
@@ -168,28 +172,59 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
                 entries[name]["rel_error"] = sums.relative_error()
 
 
+def calibration_parts(calibration: Calibration, needs_fit_data: bool) -> Dict[str, object]:
+    """The parts of the data a calibrated fit passes over, by name ("fit", "held-out"):
+    the fit part only for methods that fit on data, and no empty part (--holdout 0), whose
+    Lineage would not even learn tensor types."""
+    parts = {"fit": calibration.fit, "held-out": calibration.holdout} if needs_fit_data \
+        else {"held-out": calibration.holdout}
+    return {p: part for p, part in parts.items() if part.count}
+
+
+def uses_inter_layer(config: OptimizeConfig, method: str, calibration: Optional[Calibration]) -> bool:
+    """Whether the fit is compensated across layers (paper section 3.6): data methods only."""
+    return config.inter_layer and method not in DATA_FREE_METHODS and calibration is not None
+
+
 def _capture(specs, config, fit_images, seed) -> Capture:
     # fit_images counts items: with batched arrays the budget over-samples, never under
     return Capture(specs, config.positions_per_image, seed, config.position_budget, fit_images)
 
 
-def _record_reference(prepared, levels, parts, config, fit_images, workdir, what, progress
+def _record_reference(prepared, layers, parts, config, fit_images, workdir, what, progress
                       ) -> Dict[str, ReferenceOutputs]:
     """One pass of the original over each part, its candidates' outputs kept at the positions
     each layer's statistics will use."""
-    specs = [CaptureSpec.of(l) for group in levels for l in group]
+    specs = [CaptureSpec.of(l) for l in layers]
     capture = _capture(specs, config, fit_images, config.seed)
     stores = {}
     for p, part in parts.items():
-        store = ReferenceOutputs(workdir, f"reference-{p}", [[l.name for l in group] for group in levels])
-        # onnxruntime takes every core: this thread only samples and writes
-        outputs = in_background(Lineage(part.batches, what=what).step(prepared, output_names(specs), keep=False))
-        try:
-            store.record(capture.sample(ys) for ys in progress(outputs, f"original model: {p} data", None))
-        finally:
-            outputs.close()
-        stores[p] = store
+        stores[p] = ReferenceOutputs(workdir, f"reference-{p}", [s.name for s in specs])
+        original_pass(prepared, specs, part.batches, capture, store=stores[p], what=what, progress=progress,
+                      label=f"original model: {p} data")
     return stores
+
+
+def original_pass(model: onnx.ModelProto, specs, batches, capture: Capture, *, consume=None,
+                  store: Optional[ReferenceOutputs] = None, threads: Optional[int] = None, what: str = "model",
+                  progress: Progress = no_progress, label: str = "original model") -> None:
+    """One pass of model over batches (a re-iterable of feeds), sampling specs' outputs with
+    capture: each batch's sampled outputs go to store, and with its inputs to
+    consume(values by tensor name, sampled by spec name). The pass runs in a worker thread;
+    threads: its onnxruntime threads (None: every core, when this thread only writes)."""
+    names = (input_names(specs) if consume is not None else []) + output_names(specs)
+    values = in_background(Lineage(batches, what=what, threads=threads).step(model, names, keep=False))
+    try:
+        with contextlib.ExitStack() as stack:
+            write = stack.enter_context(store.recording()) if store is not None else None
+            for batch in progress(values, label, None):
+                sampled = capture.sample(batch)
+                if write is not None:
+                    write(sampled)
+                if consume is not None:
+                    consume(batch, sampled)
+    finally:
+        values.close()
 
 
 def _paired(outputs, inputs):
@@ -207,20 +242,25 @@ def decompose_model(original: onnx.ModelProto, config: OptimizeConfig,
                     shape_feed: Optional[Dict[str, np.ndarray]] = None, *,
                     calibration: Optional[Calibration] = None, what: str = "model",
                     progress: Progress = no_progress,
-                    decisions: Optional[Mapping[str, Decision]] = None) -> Decomposed:
+                    decisions: Optional[Mapping[str, Decision]] = None,
+                    reference: Optional[Mapping[str, ReferenceOutputs]] = None) -> Decomposed:
     """Fold, classify, capture, fit and rewrite in memory; no files, no model validation.
 
     shape_feed: one input to learn conv output shapes for the MAC counts
     (without it MACs are None). calibration: data to fit on (its fit part)
     and to measure per-layer errors on (its held-out part). decisions: rank
     and graph form (or keep) per candidate, from the planner; without them
-    every candidate gets config.rank in config.graph_form.
+    every candidate gets config.rank in config.graph_form. reference: the
+    original model's sampled outputs over each part of calibration, for every
+    candidate (original_pass with a store per part, as selection.py does), to
+    share one pass of the original between models; without it a compensated
+    fit records its own.
     """
     # One BLAS thread: the fits loop over small matrices, where OpenBLAS's
     # spinning worker threads cost 5-20x on a 2-core machine with anything
     # else running (onnxruntime included); measured in benchmarks/RESULTS.md.
     with threadpool_limits(limits=1, user_api="blas"):
-        return _decompose(original, config, shape_feed, calibration, what, progress, decisions)
+        return _decompose(original, config, shape_feed, calibration, what, progress, decisions, reference)
 
 
 @dataclasses.dataclass
@@ -248,7 +288,7 @@ def prepare(original: onnx.ModelProto, method: str, what: str) -> Prepared:
     return Prepared(graph, export_graph(graph, original), folded, layers, [l for l in layers if l.is_candidate])
 
 
-def _decompose(original, config, shape_feed, calibration, what, progress, decisions) -> Decomposed:
+def _decompose(original, config, shape_feed, calibration, what, progress, decisions, reference) -> Decomposed:
     method = config.resolved_method(calibration is not None)
     prep = prepare(original, method, what)
     graph, prepared, layers = prep.graph, prep.model, prep.layers
@@ -269,7 +309,7 @@ def _decompose(original, config, shape_feed, calibration, what, progress, decisi
         candidates = [l for l in candidates if l.is_candidate]
     names = NameAllocator(graph)
 
-    inter_layer = config.inter_layer and method not in DATA_FREE_METHODS and calibration is not None
+    inter_layer = uses_inter_layer(config, method, calibration)
     if calibration is None:
         for layer in candidates:
             _fit_and_replace(graph, layer, entries[layer.name], method, *plan[layer.name], config, names, None)
@@ -279,7 +319,7 @@ def _decompose(original, config, shape_feed, calibration, what, progress, decisi
         if levels:
             with tempfile.TemporaryDirectory(prefix="onnx-dwd-levels-") as workdir:
                 _fit_levels(graph, original, prepared, levels, entries, plan, method, config, names, calibration,
-                            Path(workdir), inter_layer, what, progress)
+                            Path(workdir), inter_layer, what, progress, reference if inter_layer else None)
     graph.cleanup().toposort()
     model = export_graph(graph, original)
     kept = [p for p in model.metadata_props if p.key != "onnx_dwd"]  # a model optimized before

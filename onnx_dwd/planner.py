@@ -8,8 +8,8 @@ exact but never cheaper). Each gets
   is not clearly faster than the original conv (MIN_GAIN; higher ranks only
   cost more);
 - an error: the relative output error of the method's fit at that rank,
-  fitted on the calibration statistics and measured on the held-out ones (the
-  layer's input taken from the original model). refit is estimated by its
+  fitted on the calibration statistics and measured on the held-out data (the
+  fit data with --holdout 0), the layer's input taken from the original model. refit is estimated by its
   first stage, Algorithm 2 (an upper bound: refit's later steps only lower
   it). Without calibration data: the weight's relative error.
 budget.plan then picks per layer; api.py validates the whole model and
@@ -20,7 +20,7 @@ exactly across layers).
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from .cost import channels_for_rank
 from .fit import network_decoupling, reconstruct_weight
 from .fit.common import max_rank
 from .fit.data import channel, dwd, dwd_comp
-from .fit.stats import LayerStats, conv_pads, relative_error
+from .fit.stats import LayerStats, ResidualSums, conv_pads
 from .rewrite import resolve_graph_form
 from .runtimes.base import Runner
 from .runtimes.layer_latency import ConvGeometry, LatencyCache, layer_latency
@@ -117,28 +117,38 @@ def time_options(layer: ConvLayer, geo: ConvGeometry, runner: Runner, threads: i
     return keep_ms, times, rank_one
 
 
-def option_errors(layer: ConvLayer, method: str, ranks: Sequence[int], fit: Optional[LayerStats],
-                  held: Optional[LayerStats]) -> Dict[int, float]:
-    """Estimated relative output error of the layer at each rank (see module doc)."""
+def option_weights(layer: ConvLayer, method: str, ranks: Sequence[int], fit: Optional[LayerStats]
+                   ) -> Dict[int, Tuple[np.ndarray, Optional[np.ndarray]]]:
+    """The weight [n, c/G, kh, kw] and bias the method's fit computes at each rank (refit:
+    its first stage, Algorithm 2; see module doc). Without fit statistics, or for nd: the
+    data-free decoupling."""
     w = layer.weight
-    score = held if held is not None and held.count else fit
-    errors = {}
+    weights = {}
     for k in ranks:
-        if fit is None or score is None or not score.count:
+        if fit is None or not fit.count or method == "nd":
             dec = network_decoupling(w, k, layer.group)
-            rebuilt = reconstruct_weight(dec)
-            errors[k] = float(np.linalg.norm(rebuilt - w) / max(np.linalg.norm(w), 1e-30))
-            continue
-        if method == "channel":
+            weights[k] = reconstruct_weight(dec), (dec.bias if dec.bias is not None else layer.bias)
+        elif method == "channel":
             ch = channel(w, fit, channels_for_rank(layer.out_channels, layer.in_channels, layer.kernel, k))
-            rebuilt = (ch.second[:, :, 0, 0] @ ch.first.reshape(ch.channels, -1)).reshape(w.shape)
-            bias = ch.bias
+            weights[k] = (ch.second[:, :, 0, 0] @ ch.first.reshape(ch.channels, -1)).reshape(w.shape), ch.bias
         else:
-            fitter = {"nd": lambda: network_decoupling(w, k, layer.group), "dwd": lambda: dwd(w, fit, k)}.get(
-                method, lambda: dwd_comp(w, fit, k))
-            dec = fitter()
-            rebuilt, bias = reconstruct_weight(dec), (dec.bias if dec.bias is not None else layer.bias)
-        errors[k] = relative_error(score, rebuilt, bias)
+            dec = dwd(w, fit, k) if method == "dwd" else dwd_comp(w, fit, k)
+            weights[k] = reconstruct_weight(dec), (dec.bias if dec.bias is not None else layer.bias)
+    return weights
+
+
+def option_errors(layer: ConvLayer, weights: Mapping[int, Tuple[np.ndarray, Optional[np.ndarray]]],
+                  scored: Optional[Mapping[int, ResidualSums]] = None) -> Dict[int, float]:
+    """Estimated relative output error of the layer at each rank of weights
+    (option_weights): measured on data (scored: each rank's ResidualSums) where there
+    was any, else the weight's own relative error."""
+    errors = {}
+    for k, (rebuilt, _) in weights.items():
+        if scored is not None and scored[k].count:
+            errors[k] = scored[k].relative_error()
+        else:
+            w = layer.weight
+            errors[k] = float(np.linalg.norm(rebuilt - w) / max(np.linalg.norm(w), 1e-30))
     return errors
 
 

@@ -6,8 +6,12 @@ model being built is) kept its frontier on disk between levels: YOLOv8n with
 1024 images wrote about 11 GB, and spent a pass per level. The statistics
 need each output only at the positions sampled for its layer (about
 position_budget x d per layer, whatever the number of images), so one pass
-of the original records just those, one file per level, read back once when
-that level is fitted.
+of the original records just those, one file per layer.
+
+A file per layer (not per level) lets one recording serve any grouping of
+the layers: the budgeted choice (selection.py) records once and each of its
+calibrated rounds, which decompose different subsets in different levels,
+replays it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Sequence
 
 import numpy as np
 
@@ -24,9 +28,8 @@ from .capture import Sampled
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-    """Where one layer's arrays of one batch sit in its level's file (in write order)."""
+    """One batch's arrays in a layer's file (in write order)."""
 
-    name: str
     y_dtype: np.dtype
     y_shape: tuple  # [B, P, n]; positions, when kept, are [B, P]
     sampled: bool
@@ -37,48 +40,60 @@ _POSITION_DTYPE = np.int32
 
 
 class ReferenceOutputs:
-    """Sampled outputs per batch, grouped by level; levels: the layer names of each level."""
+    """Sampled outputs per batch of the named layers, one file each."""
 
-    def __init__(self, workdir: Path, tag: str, levels: Sequence[Sequence[str]]):
-        self.levels = [list(names) for names in levels]
-        self.paths = [Path(workdir) / f"{tag}-level{index:03d}.bin" for index in range(len(levels))]
-        self.layout: List[List[List[_Entry]]] = [[] for _ in levels]  # level -> batch -> entries
+    def __init__(self, workdir: Path, tag: str, names: Sequence[str]):
+        self.paths = {name: Path(workdir) / f"{tag}-{index:03d}.bin" for index, name in enumerate(names)}
+        self.layout: Dict[str, List[_Entry]] = {name: [] for name in names}  # name -> batch -> entry
         self.recorded = False
 
     @property
     def batches(self) -> int:
         """Batches recorded so far."""
-        return len(self.layout[0]) if self.layout else 0
+        return len(next(iter(self.layout.values()), []))
 
-    def record(self, batches: Iterable[Dict[str, Sampled]]) -> None:
-        """Write every batch's sampled outputs (by layer name), each level's to its file. Once."""
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[Callable[[Dict[str, Sampled]], None]]:
+        """A function that writes one batch's sampled outputs (by layer name); the files are
+        closed when the block ends, also on an error. Once per store."""
         if self.recorded:
-            raise RuntimeError("internal: ReferenceOutputs.record runs once")
+            raise RuntimeError("internal: a ReferenceOutputs is recorded once")
         self.recorded = True
         with contextlib.ExitStack() as stack:
-            files = [stack.enter_context(open(path, "wb")) for path in self.paths]
-            for sampled in batches:
-                for names, file, layout in zip(self.levels, files, self.layout):
-                    entries = []
-                    for name in names:
-                        s = sampled[name]
-                        np.ascontiguousarray(s.y).tofile(file)
-                        if s.positions is not None:
-                            s.positions.astype(_POSITION_DTYPE).tofile(file)
-                        entries.append(_Entry(name, s.y.dtype, s.y.shape, s.positions is not None))
-                    layout.append(entries)
+            files = {name: stack.enter_context(open(path, "wb")) for name, path in self.paths.items()}
 
-    def replay(self, level: int) -> Iterator[Dict[str, Sampled]]:
-        """Yield level's sampled outputs batch by batch, in recorded order; the file is
-        deleted once read to the end (each level is fitted once)."""
-        with open(self.paths[level], "rb") as file:
-            for entries in self.layout[level]:
+            def write(sampled: Dict[str, Sampled]) -> None:
+                for name, file in files.items():
+                    s = sampled[name]
+                    np.ascontiguousarray(s.y).tofile(file)
+                    if s.positions is not None:
+                        s.positions.astype(_POSITION_DTYPE).tofile(file)
+                    self.layout[name].append(_Entry(s.y.dtype, s.y.shape, s.positions is not None))
+
+            yield write
+
+    def record(self, batches: Iterable[Dict[str, Sampled]]) -> None:
+        """Write every batch of batches (see recording)."""
+        with self.recording() as write:
+            for sampled in batches:
+                write(sampled)
+
+    def replay(self, names: Sequence[str], delete: bool = True) -> Iterator[Dict[str, Sampled]]:
+        """Yield the named layers' sampled outputs batch by batch, in recorded order. With
+        delete, each file goes once read to the end (a layer fitted once); without, the
+        store can be replayed again."""
+        with contextlib.ExitStack() as stack:
+            files = {name: stack.enter_context(open(self.paths[name], "rb")) for name in names}
+            for index in range(self.batches):
                 batch = {}
-                for e in entries:
+                for name, file in files.items():
+                    e = self.layout[name][index]
                     y = np.fromfile(file, e.y_dtype, int(np.prod(e.y_shape))).reshape(e.y_shape)
                     positions = None
                     if e.sampled:
                         positions = np.fromfile(file, _POSITION_DTYPE, y.shape[0] * y.shape[1]).reshape(y.shape[:2])
-                    batch[e.name] = Sampled(y, positions)
+                    batch[name] = Sampled(y, positions)
                 yield batch
-        self.paths[level].unlink()
+        if delete:
+            for name in names:
+                self.paths[name].unlink()

@@ -22,17 +22,22 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from .capture import Capture, CaptureSpec, capture_stats, tensor_shapes
-from .config import OptimizeConfig
-from .decompose import Decomposed, decompose_model, prepare
+from .capture import Capture, CaptureSpec, tensor_shapes
+from .config import DATA_FREE_METHODS, OptimizeConfig
+from .decompose import (PASS_THREADS, Decomposed, calibration_parts, decompose_model, original_pass, prepare,
+                        uses_inter_layer)
+from .fit.stats import ResidualSums
 from .planner import (Decision, LayerOptions, decide, every_layer_at_rank_one, fastest, geometry, option_errors,
-                      predicted_ms, time_options)
+                      option_weights, predicted_ms, time_options)
+from .reference import ReferenceOutputs
 from .runtimes import make_session
 from .runtimes.base import get_runner, with_static_inputs
 from .runtimes.layer_latency import LatencyCache
@@ -82,10 +87,19 @@ class Chooser:
         self.method = self.config.resolved_method(self.calib is not None)
         self.runner = get_runner(self.config.runtime, self.config.level)
         self.runtime = f"{self.runner.describe()}, {self.config.threads} thread(s)"
+        # the original model's sampled outputs by part, kept while choose() runs for its calibrated rounds
+        self.original_outputs: Optional[Dict[str, ReferenceOutputs]] = None
 
     def choose(self) -> Tuple[Decomposed, Dict]:
         """The decomposed model and the report's model.selection."""
-        options = self.layer_options()
+        with tempfile.TemporaryDirectory(prefix="onnx-dwd-reference-") as workdir:
+            try:
+                return self._choose(Path(workdir))
+            finally:
+                self.original_outputs = None
+
+    def _choose(self, workdir: Path) -> Tuple[Decomposed, Dict]:
+        options = self.layer_options(workdir)
         kind, value = self.config.budget
         if kind == "max_error":
             result, rounds, met = self._for_error(options, value)
@@ -101,7 +115,9 @@ class Chooser:
         return result, selection
 
     # step 1 ---------------------------------------------------------------
-    def layer_options(self) -> List[LayerOptions]:
+    def layer_options(self, workdir: Optional[Path] = None) -> List[LayerOptions]:
+        """Every candidate's options. With workdir and a compensated fit, the pass of the
+        original also keeps its outputs there for the calibrated rounds (self.original_outputs)."""
         prep = prepare(self.original, self.method, self.what)
         cands = prep.candidates
         shapes = tensor_shapes(prep.model, self.feed, [l.node.inputs[0].name for l in cands], what=self.what)
@@ -110,24 +126,52 @@ class Chooser:
         for layer in self.progress(cands, f"timing layers on {self.runtime}", len(cands)):
             geo = geometry(layer, shapes[layer.node.inputs[0].name])
             times[layer.name] = time_options(layer, geo, self.runner, self.config.threads, cache, self.method)
-        fit = held = {}
-        if self.calib is not None:
-            specs = [CaptureSpec.of(l) for l in cands]
-            capture = Capture(specs, self.config.positions_per_image, self.config.seed, self.config.position_budget,
-                              self.calib.fit.count)
-            fit, held = (capture_stats(prep.model, specs,
-                                       lambda part=part, label=label: self.progress(part.batches(), label, None),
-                                       capture, what=self.what)
-                         for part, label in ((self.calib.fit, "errors per rank: fit data"),
-                                             (self.calib.holdout, "errors per rank: held-out data")))
+        ranks = {l.name: sorted(set(times[l.name][1]) | {1}) for l in cands}
+        scored = self._score_options(prep, ranks, workdir) if self.calib is not None else {}
         options = []
-        with threadpool_limits(limits=1, user_api="blas"):
-            for layer in self.progress(cands, f"errors per rank ({self.method})", len(cands)):
-                keep_ms, by_rank, rank_one = times[layer.name]
-                errors = option_errors(layer, self.method, sorted(set(by_rank) | {1}), fit.get(layer.name),
-                                       held.get(layer.name))
-                options.append(LayerOptions(layer.name, keep_ms, by_rank, errors, rank_one))
+        for layer in cands:
+            keep_ms, by_rank, rank_one = times[layer.name]
+            weights, sums = scored.get(layer.name, (None, None))
+            if weights is None:  # no data: the weights' own errors
+                weights = option_weights(layer, self.method, ranks[layer.name], None)
+            options.append(LayerOptions(layer.name, keep_ms, by_rank, option_errors(layer, weights, sums), rank_one))
         return options
+
+    def _score_options(self, prep, ranks, workdir) -> Dict[str, tuple]:
+        """Per candidate: each rank's (weight, bias) fitted on the fit data, and its
+        ResidualSums on the held-out data; one pass of the original over each part."""
+        cands = prep.candidates
+        specs = [CaptureSpec.of(l) for l in cands]
+        capture = Capture(specs, self.config.positions_per_image, self.config.seed, self.config.position_budget,
+                          self.calib.fit.count)
+        parts = calibration_parts(self.calib, self.method not in DATA_FREE_METHODS)
+        if workdir is not None and uses_inter_layer(self.config, self.method, self.calib):
+            self.original_outputs = {p: ReferenceOutputs(workdir, f"reference-{p}", [s.name for s in specs])
+                                     for p in parts}
+        store = self.original_outputs or {}
+        # one BLAS thread: onnxruntime runs beside the statistics, as in decompose.py
+        with threadpool_limits(limits=1, user_api="blas"):
+            stats = {}
+            if "fit" in parts:
+                stats = capture.new_stats()
+                original_pass(prep.model, specs, self.calib.fit.batches, capture, store=store.get("fit"),
+                              consume=lambda values, sampled: capture.add_sampled(values, sampled, stats),
+                              threads=PASS_THREADS, what=self.what, progress=self.progress,
+                              label="errors per rank: fit data")
+                capture.flush()
+            weights = {l.name: option_weights(l, self.method, ranks[l.name], stats.get(l.name))
+                       for l in self.progress(cands, f"errors per rank ({self.method}): fitting", len(cands))}
+            stats.clear()  # d x d each: gone before the next pass
+            sums = {l.name: {k: ResidualSums(w, b, l.group) for k, (w, b) in weights[l.name].items()} for l in cands}
+            sinks = {name: _EachOf(list(by_rank.values())) for name, by_rank in sums.items()}
+            # held-out data, or with --holdout 0 the fit data again (not recorded twice)
+            name, part = ("held-out", self.calib.holdout) if "held-out" in parts else ("fit", self.calib.fit)
+            original_pass(prep.model, specs, part.batches, capture,
+                          store=store.get(name) if name == "held-out" else None,
+                          consume=lambda values, sampled: capture.add_residuals(values, sampled, sinks),
+                          threads=PASS_THREADS, what=self.what, progress=self.progress,
+                          label=f"errors per rank: {name} data")
+        return {layer: (weights[layer], sums[layer]) for layer in weights}
 
     # step 3, time ---------------------------------------------------------
     def _for_time(self, options, kind, value) -> Tuple[Dict[str, Decision], List[Dict], bool]:
@@ -253,7 +297,7 @@ class Chooser:
     def _build(self, decisions, calibrated: bool) -> Decomposed:
         if calibrated:
             return decompose_model(self.original, self.config, self.feed, calibration=self.calib, what=self.what,
-                                   progress=self.progress, decisions=decisions)
+                                   progress=self.progress, decisions=decisions, reference=self.original_outputs)
         structure_only = dataclasses.replace(self.config, method="nd")
         return decompose_model(self.original, structure_only, self.feed, what=self.what, decisions=decisions)
 
@@ -270,6 +314,18 @@ class Chooser:
         """The candidate model side by side with the original (runtimes/timing.compare)."""
         after = self._load(model, f"candidate for {self.what}")
         return compare(self._reference.bind(self.feed), after.bind(self.feed), blocks=PLAN_BLOCKS)
+
+
+class _EachOf:
+    """A sink (add(patches, outputs)) that feeds each of several: one layer's patches
+    gathered once for every rank's ResidualSums."""
+
+    def __init__(self, sinks):
+        self.sinks = sinks
+
+    def add(self, patches: np.ndarray, outputs: np.ndarray) -> None:
+        for sink in self.sinks:
+            sink.add(patches, outputs)
 
 
 def _ranks(decisions: Dict[str, Decision]) -> tuple:

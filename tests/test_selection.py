@@ -15,7 +15,7 @@ from onnx_dwd.budget import Option
 from onnx_dwd.config import DEFAULT_MAX_ERROR, OptimizeConfig
 from onnx_dwd.cost import conv_macs, decomposed_macs
 from onnx_dwd.errors import OptionError
-from onnx_dwd.fit.stats import LayerStats
+from onnx_dwd.fit.stats import LayerStats, ResidualSums, relative_error
 from onnx_dwd.runtimes.layer_latency import ConvGeometry
 from onnx_dwd.select import classify_convs
 from test_capture import e2e as model_and_feeds  # noqa: F401 (a fixture: three 3x3 convs, 20 feeds)
@@ -78,12 +78,22 @@ def test_option_errors_fall_with_rank_and_data_free_uses_the_weight():
     stats = LayerStats.zeros(8, 36)
     x = rng.standard_normal((2000, 36))
     stats.add(x, x @ w.reshape(8, -1).T)
+    held = rng.standard_normal((500, 36)).astype(np.float32)  # other positions of the same layer
     for method in ("refit", "dwd", "nd", "channel"):
-        errors = planner.option_errors(l, method, [1, 2, 4, 8], stats, stats)
+        weights = planner.option_weights(l, method, [1, 2, 4, 8], stats)
+        sums = {k: ResidualSums(wk, bk, 1) for k, (wk, bk) in weights.items()}
+        for s in sums.values():
+            s.add(held, held @ w.reshape(8, -1).T)
+        errors = planner.option_errors(l, weights, sums)
         values = [errors[k] for k in (1, 2, 4, 8)]
-        assert all(0 <= b <= a + 1e-9 for a, b in zip(values, values[1:])), (method, values)
+        assert all(0 <= b <= a + 1e-6 for a, b in zip(values, values[1:])), (method, values)
         assert values[0] > 0.1 and values[-1] < values[0]
-    free = planner.option_errors(l, "nd", [1], None, None)[1]
+        # measured on the held-out positions: the same as the statistics' closed form there
+        held_stats = LayerStats.zeros(8, 36)
+        held_stats.add(held.astype(np.float64), held.astype(np.float64) @ w.reshape(8, -1).T)
+        for k, (wk, bk) in weights.items():
+            assert errors[k] == pytest.approx(relative_error(held_stats, wk, bk), rel=1e-4, abs=1e-6)
+    free = planner.option_errors(l, planner.option_weights(l, "nd", [1], None))[1]
     from onnx_dwd.fit import network_decoupling, reconstruct_weight
     rebuilt = reconstruct_weight(network_decoupling(w, 1, 1))
     assert free == pytest.approx(np.linalg.norm(rebuilt - w) / np.linalg.norm(w), rel=1e-6)
@@ -227,3 +237,46 @@ def test_out_of_reach_target_also_tries_rank_one_wherever_faster(fake_latency):
     one = planner.every_layer_at_rank_one(options)
     assert one["a"].rank == 1 and one["b"].rank == 1 and one["c"].rank is None
     assert all(d.ms <= d.keep_ms for d in one.values())
+
+
+def test_calibrated_rounds_replay_the_options_pass_of_the_original(model_and_feeds, fake_latency, monkeypatch):
+    """The pass that scores the options records the original model's outputs; each calibrated
+    round, whatever it keeps, fits against them instead of running the original again, and
+    fits what a fit with its own pass fits (every position: the same statistics)."""
+    import tempfile
+    from pathlib import Path
+    from onnx_dwd import decompose
+    from onnx_dwd.calib import feed_calibration, resolve_input_specs
+    folder, feeds = model_and_feeds
+    original = onnx.load(folder / "m.onnx")
+    config = OptimizeConfig(max_error=0.4, measure_latency=False, position_budget=0)
+    calib = feed_calibration(feeds, resolve_input_specs(original, {}, "m"), config.holdout)
+    chooser = selection.Chooser(original, config, calib, {"x": feeds[0]["x"][:1]}, calib.holdout.batches, "m",
+                                decompose.no_progress)
+    recorded = []
+    record = decompose._record_reference
+    monkeypatch.setattr(decompose, "_record_reference", lambda *a: recorded.append(1) or record(*a))
+
+    def at_rank_one(options, kept=()):
+        return {o.name: planner.Decision(None, None, "kept by the test", o.keep_ms, o.keep_ms, 0.0) if o.name in kept
+                else planner.Decision(1, o.rank_one[0], None, o.keep_ms, o.rank_one[1], o.errors[1]) for o in options}
+
+    with tempfile.TemporaryDirectory() as workdir:
+        options = chooser.layer_options(Path(workdir))
+        assert set(chooser.original_outputs) == {"fit", "held-out"}
+        plans = [at_rank_one(options), at_rank_one(options, kept=[options[0].name]), at_rank_one(options)]
+        shared = [chooser._build(plan, calibrated=True) for plan in plans]
+    assert not recorded
+    for plan, got in zip(plans, shared):
+        own = decompose.decompose_model(original, config, chooser.feed, calibration=calib, decisions=plan)
+        got_w = {t.name: onnx.numpy_helper.to_array(t) for t in got.model.graph.initializer}
+        own_w = {t.name: onnx.numpy_helper.to_array(t) for t in own.model.graph.initializer}
+        assert sorted(got_w) == sorted(own_w)
+        for name in own_w:
+            np.testing.assert_allclose(got_w[name], own_w[name], rtol=1e-4, atol=1e-5, err_msg=name)
+        for a, b in zip(got.layers, own.layers):
+            assert a["decomposed"] == b["decomposed"]
+            if a["decomposed"]:
+                assert a["rel_error"] == pytest.approx(b["rel_error"], rel=1e-4)
+    assert len(recorded) == 3
+    assert shared[1].layers[0]["decomposed"] is False and shared[0].layers[0]["decomposed"] is True
