@@ -17,34 +17,44 @@ _ITEM, _ERROR, _END = range(3)
 
 
 def in_background(items: Iterable[T], depth: int = 1) -> Iterator[T]:
-    """Yield items' items, produced by a worker thread at most depth + 1 ahead.
+    """Yield items' items, produced by a worker thread.
+
+    At most depth + 1 items are alive at once, counting the one the consumer
+    holds and the one being produced: the worker takes a slot before making
+    an item, and the consumer gives it back when it asks for the next one. (A
+    queue of depth items held one more: a batch of YOLOv8n's 39 convs' inputs
+    and outputs is 135 MB.)
 
     An exception in the worker is raised here, at the item it stopped at.
     The worker has finished iterating when this generator ends (so a
     generator's cleanup after its last item has run); closing this generator
     early stops the worker at its next item.
     """
-    channel: "queue.Queue" = queue.Queue(maxsize=depth)
+    if depth < 1:
+        raise ValueError(f"internal: in_background needs depth >= 1, got {depth}")
+    channel: "queue.Queue" = queue.Queue()  # never holds more than depth + 1: the slots bound it
+    slots = threading.Semaphore(depth + 1)
     stop = threading.Event()
 
-    def send(message) -> bool:
+    def take_slot() -> bool:
         while not stop.is_set():
-            try:
-                channel.put(message, timeout=0.1)
+            if slots.acquire(timeout=0.1):
                 return True
-            except queue.Full:
-                continue
         return False
 
     def work() -> None:
         try:
-            for item in items:
-                if not send((_ITEM, item)):
+            source = iter(items)
+            while take_slot():
+                try:
+                    item = next(source)
+                except StopIteration:
+                    channel.put((_END, None))
                     return
+                channel.put((_ITEM, item))
+                del item  # the consumer's now
         except BaseException as exc:  # handed to the consumer, raised there
-            send((_ERROR, exc))
-            return
-        send((_END, None))
+            channel.put((_ERROR, exc))
 
     worker = threading.Thread(target=work, name="onnx-dwd-background", daemon=True)
     worker.start()
@@ -53,6 +63,8 @@ def in_background(items: Iterable[T], depth: int = 1) -> Iterator[T]:
             kind, value = channel.get()
             if kind == _ITEM:
                 yield value
+                del value  # done with it: free before the worker makes another
+                slots.release()
             elif kind == _ERROR:
                 raise value
             else:

@@ -45,9 +45,37 @@ def test_closing_early_stops_the_worker():
     assert next(items) == 0
     items.close()
     assert not [t for t in threading.enumerate() if t.name == "onnx-dwd-background"]
-    assert len(produced) <= 4  # at most depth + 2 ahead of the consumer: never ran on
+    assert len(produced) <= 2  # at most depth + 1 alive, the consumer's included: never ran on
     time.sleep(0.05)
-    assert len(produced) <= 4
+    assert len(produced) <= 2
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_at_most_depth_plus_one_items_are_alive(depth):
+    """Items the consumer has not let go of yet, counting its own and the one being made."""
+    alive, most = [0], [0]
+    lock = threading.Lock()
+
+    class Item:
+        def __init__(self):
+            with lock:
+                alive[0] += 1
+                most[0] = max(most[0], alive[0])
+
+        def __del__(self):
+            with lock:
+                alive[0] -= 1
+
+    def source():
+        for _ in range(30):
+            yield Item()
+
+    count = 0
+    for item in in_background(source(), depth=depth):
+        time.sleep(0.002)  # a slow consumer: the worker waits for it
+        count += 1
+        del item
+    assert count == 30 and most[0] == depth + 1
 
 
 def test_the_next_item_is_produced_while_this_one_is_consumed():
