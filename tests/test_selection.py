@@ -280,3 +280,18 @@ def test_calibrated_rounds_replay_the_options_pass_of_the_original(model_and_fee
                 assert a["rel_error"] == pytest.approx(b["rel_error"], rel=1e-4)
     assert len(recorded) == 3
     assert shared[1].layers[0]["decomposed"] is False and shared[0].layers[0]["decomposed"] is True
+
+
+@pytest.mark.parametrize("method", ["refit", "nd"])
+def test_without_held_out_data_the_options_are_scored_on_the_fit_data(model_and_feeds, tmp_path, fake_latency,
+                                                                      method):
+    """--holdout 0: no held-out pass to record or score; the options' errors come from a
+    second pass over the fit data, and the rounds still fit (refit) against the recording."""
+    folder, feeds = model_and_feeds
+    report = optimize(folder / "m.onnx", tmp_path / "o.onnx",
+                      OptimizeConfig(max_error=0.4, holdout=0, method=method, measure_latency=False),
+                      calibration=feeds)
+    chosen = [e for e in report["layers"] if e["decomposed"]]
+    assert report["model"]["selection"]["rounds"] and chosen
+    assert all(0 < e["planned_rel_error"] < 1 for e in chosen)
+    onnx.checker.check_model(onnx.load(tmp_path / "o.onnx"))
