@@ -8,10 +8,11 @@ exact but never cheaper). Each gets
   is not clearly faster than the original conv (MIN_GAIN; higher ranks only
   cost more);
 - an error: the relative output error of the method's fit at that rank,
-  fitted on the calibration statistics and measured on the held-out data (the
-  fit data with --holdout 0), the layer's input taken from the original model. refit is estimated by its
-  first stage, Algorithm 2 (an upper bound: refit's later steps only lower
-  it). Without calibration data: the weight's relative error.
+  fitted on the calibration statistics and measured on the held-out data
+  (the fit data with --holdout 0), the layer's input taken from the original
+  model. refit is estimated by its first stage, Algorithm 2 (an upper bound:
+  refit's later steps only lower it). Without calibration data: the weight's
+  relative error.
 budget.plan then picks per layer; api.py validates the whole model and
 adjusts the budget when the model misses it (errors and times do not add up
 exactly across layers).
