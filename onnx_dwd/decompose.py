@@ -254,7 +254,8 @@ def decompose_model(original: onnx.ModelProto, config: OptimizeConfig,
     original model's sampled outputs over each part of calibration, for every
     candidate (original_pass with a store per part, as selection.py does), to
     share one pass of the original between models; without it a compensated
-    fit records its own.
+    fit records its own (sampled positions are drawn for the layers recorded,
+    so the two can fit on different positions).
     """
     # One BLAS thread: the fits loop over small matrices, where OpenBLAS's
     # spinning worker threads cost 5-20x on a 2-core machine with anything

@@ -54,23 +54,30 @@ class ReferenceOutputs:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[Callable[[Dict[str, Sampled]], None]]:
-        """A function that writes one batch's sampled outputs (by layer name); the files are
-        closed when the block ends, also on an error. Once per store."""
+        """A function that writes one batch's sampled outputs (by layer name). Once per store.
+
+        Each write opens the layers' files in turn and closes them again: a model with
+        hundreds of candidates would otherwise hold a file open per layer, past the
+        256 open files macOS allows by default."""
         if self.recorded:
             raise RuntimeError("internal: a ReferenceOutputs is recorded once")
         self.recorded = True
-        with contextlib.ExitStack() as stack:
-            files = {name: stack.enter_context(open(path, "wb")) for name, path in self.paths.items()}
+        for path in self.paths.values():
+            path.write_bytes(b"")
 
-            def write(sampled: Dict[str, Sampled]) -> None:
-                for name, file in files.items():
-                    s = sampled[name]
+        def write(sampled: Dict[str, Sampled]) -> None:
+            entries = {}
+            for name, path in self.paths.items():
+                s = sampled[name]
+                with open(path, "ab") as file:
                     np.ascontiguousarray(s.y).tofile(file)
                     if s.positions is not None:
                         s.positions.astype(_POSITION_DTYPE).tofile(file)
-                    self.layout[name].append(_Entry(s.y.dtype, s.y.shape, s.positions is not None))
+                entries[name] = _Entry(s.y.dtype, s.y.shape, s.positions is not None)
+            for name, entry in entries.items():  # only a batch written whole counts
+                self.layout[name].append(entry)
 
-            yield write
+        yield write
 
     def record(self, batches: Iterable[Dict[str, Sampled]]) -> None:
         """Write every batch of batches (see recording)."""

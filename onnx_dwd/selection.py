@@ -138,13 +138,15 @@ class Chooser:
         return options
 
     def _score_options(self, prep, ranks, workdir) -> Dict[str, tuple]:
-        """Per candidate: each rank's (weight, bias) fitted on the fit data, and its
-        ResidualSums on the held-out data; one pass of the original over each part."""
+        """Per candidate: each rank's (weight, bias) fitted on the fit data (data methods),
+        and its ResidualSums on the held-out data, or with --holdout 0 on a second pass
+        over the fit data."""
         cands = prep.candidates
         specs = [CaptureSpec.of(l) for l in cands]
         capture = Capture(specs, self.config.positions_per_image, self.config.seed, self.config.position_budget,
                           self.calib.fit.count)
         parts = calibration_parts(self.calib, self.method not in DATA_FREE_METHODS)
+        self.original_outputs = None  # a recording of an earlier call is not this one's
         if workdir is not None and uses_inter_layer(self.config, self.method, self.calib):
             self.original_outputs = {p: ReferenceOutputs(workdir, f"reference-{p}", [s.name for s in specs])
                                      for p in parts}
@@ -170,7 +172,8 @@ class Chooser:
                           store=store.get(name) if name == "held-out" else None,
                           consume=lambda values, sampled: capture.add_residuals(values, sampled, sinks),
                           threads=PASS_THREADS, what=self.what, progress=self.progress,
-                          label=f"errors per rank: {name} data")
+                          label="errors per rank: held-out data" if name == "held-out"
+                          else "errors per rank: scoring on the fit data (nothing held out)")
         return {layer: (weights[layer], sums[layer]) for layer in weights}
 
     # step 3, time ---------------------------------------------------------

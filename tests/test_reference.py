@@ -74,3 +74,16 @@ def test_an_error_while_recording_closes_the_files(rng, tmp_path):
     assert store.batches == 1
     # closed, so everything written before the error is on disk
     assert sum(path.stat().st_size for path in store.paths.values()) == nbytes(first)
+
+
+def test_a_batch_that_fails_part_way_is_not_counted(rng, tmp_path):
+    store = ReferenceOutputs(tmp_path, "ref", ["a", "b", "c"])
+    whole, broken = batch(rng, 2), batch(rng, 1)
+    del broken["c"]  # the last layer's outputs are missing
+    with pytest.raises(KeyError):
+        with store.recording() as write:
+            write(whole)
+            write(broken)
+    assert store.batches == 1 and all(len(entries) == 1 for entries in store.layout.values())
+    (got,) = store.replay(["a", "b", "c"], delete=False)
+    assert_same(got, whole, ["a", "b", "c"])

@@ -267,6 +267,8 @@ def test_calibrated_rounds_replay_the_options_pass_of_the_original(model_and_fee
         plans = [at_rank_one(options), at_rank_one(options, kept=[options[0].name]), at_rank_one(options)]
         shared = [chooser._build(plan, calibrated=True) for plan in plans]
     assert not recorded
+    chooser.layer_options()  # again, without a workdir: the old recording is not reused
+    assert chooser.original_outputs is None
     for plan, got in zip(plans, shared):
         own = decompose.decompose_model(original, config, chooser.feed, calibration=calib, decisions=plan)
         got_w = {t.name: onnx.numpy_helper.to_array(t) for t in got.model.graph.initializer}
