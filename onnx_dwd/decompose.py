@@ -131,7 +131,7 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
         last = index == len(levels) - 1
         model = export_graph(graph, original) if index > 0 else prepared
         specs = [CaptureSpec.of(l) for l in group]
-        capture = _capture(specs, config, calibration.fit.count, config.seed + index)
+        capture = configured_capture(specs, config, calibration.fit.count, config.seed + index)
         stage = f"level {index + 1}/{len(levels)}" if inter_layer else "capture"
 
         def each_batch(p, label, consume):
@@ -186,8 +186,10 @@ def uses_inter_layer(config: OptimizeConfig, method: str, calibration: Optional[
     return config.inter_layer and method not in DATA_FREE_METHODS and calibration is not None
 
 
-def _capture(specs, config, fit_images, seed) -> Capture:
-    # fit_images counts items: with batched arrays the budget over-samples, never under
+def configured_capture(specs, config: OptimizeConfig, fit_images: int, seed: int) -> Capture:
+    """A Capture sampling positions as config asks. A recording of the original's outputs
+    and the statistics fitted on it must sample alike, so both are made here.
+    fit_images counts items: with batched arrays the budget over-samples, never under."""
     return Capture(specs, config.positions_per_image, seed, config.position_budget, fit_images)
 
 
@@ -196,7 +198,7 @@ def _record_reference(prepared, layers, parts, config, fit_images, workdir, what
     """One pass of the original over each part, its candidates' outputs kept at the positions
     each layer's statistics will use."""
     specs = [CaptureSpec.of(l) for l in layers]
-    capture = _capture(specs, config, fit_images, config.seed)
+    capture = configured_capture(specs, config, fit_images, config.seed)
     stores = {}
     for p, part in parts.items():
         stores[p] = ReferenceOutputs(workdir, f"reference-{p}", [s.name for s in specs])

@@ -30,10 +30,10 @@ import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from .capture import Capture, CaptureSpec, tensor_shapes
+from .capture import CaptureSpec, tensor_shapes
 from .config import DATA_FREE_METHODS, OptimizeConfig
-from .decompose import (PASS_THREADS, Decomposed, calibration_parts, decompose_model, original_pass, prepare,
-                        uses_inter_layer)
+from .decompose import (PASS_THREADS, Decomposed, calibration_parts, configured_capture, decompose_model,
+                        original_pass, prepare, uses_inter_layer)
 from .fit.stats import ResidualSums
 from .planner import (Decision, LayerOptions, decide, every_layer_at_rank_one, fastest, geometry, option_errors,
                       option_weights, predicted_ms, time_options)
@@ -131,9 +131,9 @@ class Chooser:
         options = []
         for layer in cands:
             keep_ms, by_rank, rank_one = times[layer.name]
-            weights, sums = scored.get(layer.name, (None, None))
-            if weights is None:  # no data: the weights' own errors
-                weights = option_weights(layer, self.method, ranks[layer.name], None)
+            # no data: the data-free weights, scored by their own error
+            weights, sums = scored.get(layer.name) or (
+                option_weights(layer, self.method, ranks[layer.name], None), None)
             options.append(LayerOptions(layer.name, keep_ms, by_rank, option_errors(layer, weights, sums), rank_one))
         return options
 
@@ -143,8 +143,7 @@ class Chooser:
         over the fit data."""
         cands = prep.candidates
         specs = [CaptureSpec.of(l) for l in cands]
-        capture = Capture(specs, self.config.positions_per_image, self.config.seed, self.config.position_budget,
-                          self.calib.fit.count)
+        capture = configured_capture(specs, self.config, self.calib.fit.count, self.config.seed)
         parts = calibration_parts(self.calib, self.method not in DATA_FREE_METHODS)
         self.original_outputs = None  # a recording of an earlier call is not this one's
         if workdir is not None and uses_inter_layer(self.config, self.method, self.calib):
