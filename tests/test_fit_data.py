@@ -108,6 +108,25 @@ def test_statistics_merge_equals_one_pass(rng):
     assert merged.count == 300 and np.isclose(merged.syy, whole.syy)
 
 
+@pytest.mark.parametrize("group", [1, 2])
+def test_split_products_equal_one_threads_and_repeat_exactly(rng, monkeypatch, group):
+    import onnx_dwd.fit.stats as stats_module
+    x = rng.standard_normal((333, 2 * 18)).astype(np.float32)  # odd: the halves differ in size
+    y = rng.standard_normal((333, 6)).astype(np.float32)
+    whole = LayerStats.zeros(6, 36 // group, group)
+    whole.add(x, y)
+    monkeypatch.setattr(stats_module, "SPLIT_MACS", 1)  # split every product
+    helper = stats_module.ThreadPoolExecutor(1)  # split on a single core too
+    monkeypatch.setattr(stats_module, "_split_helper", lambda: helper)
+    split, again = LayerStats.zeros(6, 36 // group, group), LayerStats.zeros(6, 36 // group, group)
+    split.add(x, y)
+    again.add(x, y)
+    helper.shutdown()
+    for field in ("sxx", "syx", "sx", "sy"):
+        np.testing.assert_allclose(getattr(split, field), getattr(whole, field), rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(getattr(split, field), getattr(again, field))  # no dependence on timing
+
+
 def test_buffered_statistics_equal_direct_ones(rng, monkeypatch):
     import onnx_dwd.fit.stats as stats_module
     monkeypatch.setattr(stats_module, "BUFFER_BYTES", 4 * 300 * (18 + 4) // 7)  # below the 256-row floor
