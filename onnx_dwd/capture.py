@@ -67,6 +67,12 @@ class CaptureSpec:
                    tuple(a["pads"]) if "pads" in a else None, auto_pad, layer.group,
                    layer.in_channels, layer.out_channels)
 
+    @property
+    def patch_key(self) -> tuple:
+        """Equal for convs whose patches are equal at equal positions (one input, one geometry)."""
+        return (self.input_name, self.kernel, self.strides, self.dilations, self.pads, self.auto_pad, self.group,
+                self.in_channels)
+
     def patches(self, x: np.ndarray, positions: Optional[np.ndarray] = None) -> np.ndarray:
         """x [B, c, H, W] -> patches [B, H'*W', c*kh*kw], or [B, P, ...] at positions [B, P] only."""
         pads = conv_pads(x.shape[2:], self.kernel, self.strides, self.dilations, self.pads, self.auto_pad)
@@ -161,6 +167,10 @@ class Capture:
     such limit). The d x d statistics need some multiple of d positions; past
     that, more positions cost time (d^2 each) and add little.
 
+    Convs that read one tensor with one geometry (patch_key) get the same
+    positions, so their patches are formed once and their statistics share
+    one x x^T per block.
+
     Positions are added to the statistics in blocks (StatsBuffer): call
     flush() before reading any of them.
     """
@@ -176,7 +186,7 @@ class Capture:
                 self.limits[s.name] = min(share, positions_per_image or share)
         self.rng = np.random.default_rng(seed)
         self.images = 0
-        self.buffers: Dict[int, StatsBuffer] = {}  # by id of the LayerStats (each buffer holds its stats)
+        self.buffers: Dict[tuple, StatsBuffer] = {}  # by the ids of its LayerStats (each buffer holds them)
         # fit and validation statistics per spec share the buffer memory
         self.buffer_bytes = int(np.clip(BUFFERS_BYTES // max(2 * len(self.specs), 1), 2**20, BUFFER_BYTES))
 
@@ -190,22 +200,27 @@ class Capture:
             buffer.flush()
         self.buffers.clear()
 
-    def _buffer(self, stats: LayerStats) -> StatsBuffer:
-        buffer = self.buffers.get(id(stats))
+    def _buffer(self, stats: Sequence[LayerStats]) -> StatsBuffer:
+        key = tuple(id(st) for st in stats)
+        buffer = self.buffers.get(key)
         if buffer is None:
-            buffer = self.buffers[id(stats)] = StatsBuffer(stats, self.buffer_bytes)
+            buffer = self.buffers[key] = StatsBuffer(stats, self.buffer_bytes)
         return buffer
 
     def sample(self, outputs: Dict[str, np.ndarray]) -> Dict[str, Sampled]:
         """Each spec's output (by tensor name, [B, n, H', W']) at the positions drawn for it."""
         sampled = {}
+        drawn = {}  # convs with one patch_key (and so one limit and output size) share positions
         for spec in self.specs:
             y = outputs[spec.output_name]
             per_image = int(np.prod(y.shape[2:]))
             outs = y.reshape(len(y), y.shape[1], -1).transpose(0, 2, 1)  # [B, H'W', n], a view
             limit = self.limits[spec.name]
             if limit and limit < per_image:
-                pick = np.stack([self.rng.choice(per_image, limit, replace=False) for _ in range(len(y))])
+                pick = drawn.get(spec.patch_key)
+                if pick is None:
+                    pick = drawn[spec.patch_key] = np.stack(
+                        [self.rng.choice(per_image, limit, replace=False) for _ in range(len(y))])
                 sampled[spec.name] = Sampled(np.take_along_axis(outs, pick[:, :, None], axis=1), pick)
             else:
                 sampled[spec.name] = Sampled(outs, None)
@@ -229,33 +244,55 @@ class Capture:
             to_val = index % period == period - 1
             routes = [(stats, np.flatnonzero(~to_val)), (validation, np.flatnonzero(to_val))]
         for target, rows in routes:
-            sinks = {name: self._buffer(st) for name, st in target.items()}
+            def add(group, patches, outputs, target=target):
+                self._buffer([target[spec.name] for spec in group]).add(patches, *outputs)
             if len(rows) == batch:  # one route takes everything: no copies
-                self._accumulate(inputs, sampled, sinks)
+                self._accumulate(inputs, sampled, add)
             elif len(rows):
                 self._accumulate({k: v[rows] for k, v in inputs.items()},
                                  {k: Sampled(s.y[rows], None if s.positions is None else s.positions[rows])
-                                  for k, s in sampled.items()}, sinks)
+                                  for k, s in sampled.items()}, add)
 
     def add_residuals(self, inputs: Dict[str, np.ndarray], sampled: Dict[str, Sampled],
                       sums: Dict[str, ResidualSums]) -> None:
         """Accumulate one batch's errors of fitted weights (by spec name) at the sampled positions."""
-        self._accumulate(inputs, sampled, sums)
+        def add(group, patches, outputs):
+            for spec, y in zip(group, outputs):
+                sums[spec.name].add(patches, y)
+        self._accumulate(inputs, sampled, add)
 
-    def _accumulate(self, inputs, sampled, sinks) -> None:
-        """Each spec's patches and outputs, a bounded number of images at a time, into sinks[spec.name]."""
+    def _sharing(self, sampled: Dict[str, Sampled]) -> List[List[CaptureSpec]]:
+        """The specs in groups with equal patches: one patch_key and equal positions."""
+        groups: List[List[CaptureSpec]] = []
         for spec in self.specs:
+            positions = sampled[spec.name].positions
+            for group in groups:
+                other = sampled[group[0].name].positions
+                if group[0].patch_key == spec.patch_key and (
+                        positions is other or (positions is not None and other is not None
+                                               and np.array_equal(positions, other))):
+                    group.append(spec)
+                    break
+            else:
+                groups.append([spec])
+        return groups
+
+    def _accumulate(self, inputs, sampled, add) -> None:
+        """Each group of specs' patches (formed once) and outputs, a bounded number of images at
+        a time, to add(group, patches [P, d], [outputs [P, n] per spec])."""
+        for group in self._sharing(sampled):
+            spec = group[0]
             x = inputs[spec.input_name]
-            s = sampled[spec.name]
-            if len(x) != len(s.y):
-                raise RuntimeError(f"internal: {spec.name}: {len(x)} inputs but {len(s.y)} outputs in a batch")
+            ys = [sampled[s.name].y for s in group]
+            positions = sampled[spec.name].positions
+            if any(len(x) != len(y) for y in ys):
+                raise RuntimeError(f"internal: {spec.name}: {len(x)} inputs but {len(ys[0])} outputs in a batch")
             d = x.shape[1] * spec.kernel[0] * spec.kernel[1]
             # images per im2col, bounding memory; the sampled patches are gathered directly
-            step = max(1, IM2COL_BUDGET // max(s.y.shape[1] * d, 1))
+            step = max(1, IM2COL_BUDGET // max(ys[0].shape[1] * d, 1))
             for b in range(0, x.shape[0], step):
-                xs = x[b:b + step]
-                patches = spec.patches(xs, None if s.positions is None else s.positions[b:b + step])
-                sinks[spec.name].add(patches.reshape(-1, d), s.y[b:b + step].reshape(-1, s.y.shape[2]))
+                patches = spec.patches(x[b:b + step], None if positions is None else positions[b:b + step])
+                add(group, patches.reshape(-1, d), [y[b:b + step].reshape(-1, y.shape[2]) for y in ys])
 
 
 def capture_stats(model: onnx.ModelProto, specs: Sequence[CaptureSpec], feeds: Feeds,

@@ -161,6 +161,41 @@ def test_position_budget_samples_about_budget_times_patch_size_per_layer(rng):
     assert Capture(specs, position_budget=2, images=None).limits == {"conv1": None, "conv2": None}
 
 
+def branches_model(rng):
+    """x -> head_a (3x3, 3->4) and head_b (3x3, 3->5), both pads 1, and side (3x3, pads 0) on x too."""
+    inits = {"Wa": rng.standard_normal((4, 3, 3, 3)), "Wb": rng.standard_normal((5, 3, 3, 3)),
+             "Ws": rng.standard_normal((2, 3, 3, 3)), "Ba": rng.standard_normal(4), "Bb": rng.standard_normal(5)}
+    nodes = [helper.make_node("Conv", ["x", "Wa", "Ba"], ["ya"], name="head_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "Wb", "Bb"], ["yb"], name="head_b", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "Ws"], ["ys"], name="side")]
+    return make_model(nodes, inits, (2, 3, 7, 7), outputs=("ya", "yb", "ys")), inits
+
+
+@pytest.mark.parametrize("positions", [None, 6])
+def test_convs_reading_one_tensor_share_positions_and_patches(rng, positions):
+    model, inits = branches_model(rng)
+    specs = list(specs_of(model).values())
+    assert specs[0].patch_key == specs[1].patch_key != specs[2].patch_key  # side: other pads
+    feeds = input_feeds(rng, 3)
+    capture = Capture(specs, positions_per_image=positions, seed=5)
+    assert [[s.name for s in g] for g in capture._sharing(capture.sample(
+        dict(zip(["ya", "yb", "ys"], run(model, feeds[0])))))] == [["head_a", "head_b"], ["side"]]
+    stats = capture_stats(model, specs, lambda: feeds, capture)
+    a, b = stats["head_a"], stats["head_b"]
+    np.testing.assert_array_equal(a.sxx, b.sxx)  # the same positions: one x x^T
+    np.testing.assert_array_equal(a.sx, b.sx)
+    assert a.count == b.count == 6 * (positions or 49)
+    assert a.syy != b.syy
+    # each layer's own outputs paired with the shared patches: the conv explains its output
+    assert relative_error(a, inits["Wa"], inits["Ba"]) < 1e-3
+    assert relative_error(b, inits["Wb"], inits["Bb"]) < 1e-3
+    assert relative_error(stats["side"], inits["Ws"], None) < 1e-3
+    if positions is None:
+        x = np.concatenate([f["x"] for f in feeds])
+        ya = np.concatenate([run(model, f)[0] for f in feeds])
+        assert_stats_equal(a, direct_stats(x, ya, CONV1_GEOMETRY))
+
+
 def test_capture_takes_inputs_from_current_and_outputs_from_reference(rng, tmp_path):
     """How decompose feeds a level: x from the current model's lineage, y from the reference's."""
     w1, b1, w2, b2 = weights(rng)

@@ -21,7 +21,7 @@ import dataclasses
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -151,29 +151,8 @@ class LayerStats:
         return self.sxx.shape[0]
 
     def add(self, patches: np.ndarray, outputs: np.ndarray) -> None:
-        """Accumulate patches [P, G*d] and outputs [P, n] of P positions.
-
-        Products are formed in the inputs' precision (float32 from
-        onnxruntime is about 2x faster than float64) over chunks of at most
-        CHUNK_ROWS positions and summed into the float64 totals, which keeps
-        the rounding error of each partial sum small.
-        """
-        g, d = self.sx.shape
-        n = self.sy.shape[0]
-        ng = n // g
-        x_all = patches.reshape(-1, g, d)
-        y_all = outputs.reshape(-1, n)
-        for start in range(0, len(x_all), CHUNK_ROWS):
-            x, y = x_all[start:start + CHUNK_ROWS], y_all[start:start + CHUNK_ROWS]
-            for k in range(g):
-                xk = np.ascontiguousarray(x[:, k])
-                xx, yx = _products(xk, y[:, k * ng:(k + 1) * ng])
-                self.sxx[k] += xx
-                self.sx[k] += xk.sum(axis=0, dtype=np.float64)
-                self.syx[k * ng:(k + 1) * ng] += yx
-            self.sy += y.sum(axis=0, dtype=np.float64)
-            self.syy += float(np.einsum("ij,ij->", y, y, dtype=np.float64))
-        self.count += x_all.shape[0]
+        """Accumulate patches [P, G*d] and outputs [P, n] of P positions (add_shared, one layer)."""
+        add_shared([self], patches, [outputs])
 
     def merge(self, other: "LayerStats") -> "LayerStats":
         return LayerStats(self.sxx + other.sxx, self.syx + other.syx, self.sx + other.sx, self.sy + other.sy,
@@ -194,6 +173,43 @@ class LayerStats:
         cxx = self.sxx[k] / self.count - np.outer(mx, mx)
         cyx = self.syx[rows] / self.count - np.outer(my, mx)
         return mx, my, cxx, cyx
+
+
+def add_shared(stats: Sequence[LayerStats], patches: np.ndarray, outputs: Sequence[np.ndarray]) -> None:
+    """Accumulate patches [P, G*d] with each layer's outputs [P, n_i] into stats[i].
+
+    Layers that read one tensor with one geometry at the same positions (the
+    branches of a detection head) have the same patches: their x x^T is formed
+    once, and their y x^T in one product. Products are formed in the inputs'
+    precision (float32 from onnxruntime is about 2x faster than float64) over
+    chunks of at most CHUNK_ROWS positions and summed into the float64 totals,
+    which keeps the rounding error of each partial sum small.
+    """
+    g, d = stats[0].sx.shape
+    if any(st.sx.shape != (g, d) for st in stats) or len(outputs) != len(stats):
+        raise RuntimeError("internal: statistics that share patches need one patch size and one output each")
+    widths = [st.sy.shape[0] // g for st in stats]  # outputs per group of each layer
+    x_all = patches.reshape(-1, g, d)
+    y_all = [y.reshape(len(x_all), -1) for y in outputs]
+    for start in range(0, len(x_all), CHUNK_ROWS):
+        x = x_all[start:start + CHUNK_ROWS]
+        ys = [y[start:start + CHUNK_ROWS] for y in y_all]
+        for k in range(g):
+            xk = np.ascontiguousarray(x[:, k])
+            yk = [y[:, k * w:(k + 1) * w] for y, w in zip(ys, widths)]
+            xx, yx = _products(xk, yk[0] if len(yk) == 1 else np.concatenate(yk, axis=1))
+            sx = xk.sum(axis=0, dtype=np.float64)
+            row = 0
+            for st, w in zip(stats, widths):
+                st.sxx[k] += xx
+                st.sx[k] += sx
+                st.syx[k * w:(k + 1) * w] += yx[row:row + w]
+                row += w
+        for st, y in zip(stats, ys):
+            st.sy += y.sum(axis=0, dtype=np.float64)
+            st.syy += float(np.einsum("ij,ij->", y, y, dtype=np.float64))
+    for st in stats:
+        st.count += len(x_all)
 
 
 class ResidualSums:
@@ -238,38 +254,42 @@ BUFFER_BYTES = 32 * 2**20
 
 
 class StatsBuffer:
-    """Positions on their way into one LayerStats, added in blocks of `rows` (flush() adds the rest).
+    """Positions on their way into LayerStats, added in blocks of `rows` (flush() adds the rest).
 
+    stats: one LayerStats, or several whose layers share patches (add_shared).
     max_bytes: the buffer's size in float32 (at least 256 positions, at most CHUNK_ROWS).
     """
 
-    def __init__(self, stats: LayerStats, max_bytes: Optional[int] = None):
-        self.stats = stats
-        width = stats.sx.size + stats.sy.size  # G*d patch values and n outputs per position
+    def __init__(self, stats, max_bytes: Optional[int] = None):
+        self.stats: List[LayerStats] = [stats] if isinstance(stats, LayerStats) else list(stats)
+        # G*d patch values and every layer's n outputs per position
+        width = self.stats[0].sx.size + sum(st.sy.size for st in self.stats)
         self.rows = int(np.clip((max_bytes or BUFFER_BYTES) // (4 * width), 256, CHUNK_ROWS))
         self.patches: Optional[np.ndarray] = None
-        self.outputs: Optional[np.ndarray] = None
+        self.outputs: List[np.ndarray] = []
         self.used = 0
 
-    def add(self, patches: np.ndarray, outputs: np.ndarray) -> None:
-        """Like LayerStats.add: patches [P, G*d], outputs [P, n]."""
+    def add(self, patches: np.ndarray, *outputs: np.ndarray) -> None:
+        """patches [P, G*d] and each layer's outputs [P, n_i], in the order of stats."""
         if len(patches) >= self.rows:
             self.flush()
-            self.stats.add(patches, outputs)
+            add_shared(self.stats, patches, outputs)
             return
-        if self.patches is None or self.patches.dtype != patches.dtype or self.outputs.dtype != outputs.dtype:
+        if self.patches is None or self.patches.dtype != patches.dtype \
+                or any(b.dtype != o.dtype for b, o in zip(self.outputs, outputs)):
             self.flush()
             self.patches = np.empty((self.rows, patches.shape[1]), patches.dtype)
-            self.outputs = np.empty((self.rows, outputs.shape[1]), outputs.dtype)
+            self.outputs = [np.empty((self.rows, o.shape[1]), o.dtype) for o in outputs]
         if self.used + len(patches) > self.rows:
             self.flush()
         self.patches[self.used:self.used + len(patches)] = patches
-        self.outputs[self.used:self.used + len(patches)] = outputs
+        for buffer, o in zip(self.outputs, outputs):
+            buffer[self.used:self.used + len(patches)] = o
         self.used += len(patches)
 
     def flush(self) -> None:
         if self.used:
-            self.stats.add(self.patches[:self.used], self.outputs[:self.used])
+            add_shared(self.stats, self.patches[:self.used], [o[:self.used] for o in self.outputs])
             self.used = 0
 
 
