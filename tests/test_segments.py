@@ -102,3 +102,11 @@ def test_a_needed_tensor_that_was_not_kept_is_a_bug_not_a_silent_rerun(rng):
 def test_a_step_needs_a_workdir_to_keep_its_frontier(rng, feeds):
     with pytest.raises(RuntimeError, match="workdir"):
         next(Lineage(lambda: feeds).step(skip_model(rng), ["c1"]))
+
+
+def test_a_failed_write_stops_the_step_with_its_error(rng, feeds, tmp_path):
+    model = skip_model(rng)
+    lineage = Lineage(lambda: feeds, tmp_path / "gone", "t")  # no such folder: the writer thread fails
+    with pytest.raises(FileNotFoundError):
+        list(lineage.step(model, ["c1"]))
+    assert lineage.steps == 0  # the lineage did not advance past a step it could not keep
