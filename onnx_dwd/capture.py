@@ -285,8 +285,9 @@ class Capture:
             x = inputs[spec.input_name]
             ys = [sampled[s.name].y for s in group]
             positions = sampled[spec.name].positions
-            if any(len(x) != len(y) for y in ys):
-                raise RuntimeError(f"internal: {spec.name}: {len(x)} inputs but {len(ys[0])} outputs in a batch")
+            for s, y in zip(group, ys):
+                if len(x) != len(y):
+                    raise RuntimeError(f"internal: {s.name}: {len(x)} inputs but {len(y)} outputs in a batch")
             d = x.shape[1] * spec.kernel[0] * spec.kernel[1]
             # images per im2col, bounding memory; the sampled patches are gathered directly
             step = max(1, IM2COL_BUDGET // max(ys[0].shape[1] * d, 1))

@@ -1,3 +1,5 @@
+# How RESULTS §5 run 8 and its side-by-side were run (2026-12-02): /tmp/base was a git worktree
+# of commit 4eee082 (the code before), /tmp/prof a scratch folder, /tmp/crops1024 from tools/make_photos.py.
 cd /work/main
 python benchmarks/memory_time.py --images /tmp/crops1024 --counts 64,1024 \
   --tools "onnx-dwd --rank 1 --no-latency,onnx-dwd --rank 1 --no-latency --no-inter-layer,ort quantize_static" \

@@ -18,8 +18,8 @@ directly, for data that is only scored, not fitted on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence, Tuple
 
@@ -35,20 +35,12 @@ CHUNK_ROWS = 4096
 #: than it saves (d = 576 over 442 rows gained nothing).
 SPLIT_MACS = 10**9
 
-_helper_lock = threading.Lock()
-_helper: Optional[ThreadPoolExecutor] = None
 
-
+@functools.lru_cache(maxsize=None)
 def _split_helper() -> Optional[ThreadPoolExecutor]:
-    """The one helper thread of split products (None on a single core)."""
-    global _helper
+    """The one helper thread of split products, made on first use (None on a single core)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cores < 2:
-        return None
-    with _helper_lock:
-        if _helper is None:
-            _helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-dwd-products")
-        return _helper
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-dwd-products") if cores >= 2 else None
 
 
 def _products(x: np.ndarray, y: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -58,7 +50,7 @@ def _products(x: np.ndarray, y: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     rows, d = x.shape
     helper = _split_helper() if rows * d * d >= SPLIT_MACS and rows >= 2 else None
     if helper is None:
-        return x.T @ x, y.T @ x
+        return _products_unsplit(x, y)
     half = rows // 2
     second = helper.submit(_products_unsplit, x[half:], y[half:])
     xx, yx = _products_unsplit(x[:half], y[:half])
