@@ -206,6 +206,23 @@ def test_refit_picks_the_variant_that_validates_best(rng):
     assert refit(w, big_train, 1, validation=big_val).detail == "sweeps+ls"
 
 
+@pytest.mark.parametrize("group", [1, 2])
+def test_refit_variants_from_one_run_of_sweeps_equal_each_fitted_alone(rng, group):
+    """The variants are snapshots of one run of sweeps: a later sweep must not change an
+    earlier variant's result, and the least-squares step must not change the plain one."""
+    from onnx_dwd.fit.data import REFIT_VARIANTS, _refit_variant, _refit_variants
+    w = rng.standard_normal((12, 8 // group, 3, 3))
+    st = stats_for(w, rng.standard_normal(12), rng.standard_normal((300, 72)) @ rng.standard_normal((72, 72)),
+                   group)
+    together = _refit_variants(w, st, 2, list(REFIT_VARIANTS.values()))
+    for dec, variant in zip(together, REFIT_VARIANTS.values()):
+        alone = _refit_variant(w, st, 2, *variant)
+        for field in ("depthwise", "pointwise", "bias"):
+            assert np.array_equal(getattr(dec, field), getattr(alone, field)), (variant, field)
+    errors = [error_of(st, dec) for dec in together]
+    assert errors[0] > errors[1] > errors[2]  # more sweeps, then least squares: each fits better
+
+
 @pytest.mark.parametrize("args", [((3, 2), (2, 1), (1, 2), (1, 0, 2, 1)), ((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
                                   ((5, 5), (2, 2), (1, 1), (2, 2, 2, 2)), ((3, 3), (1, 1), (2, 2), (2, 2, 2, 2)),
                                   ((1, 3), (1, 2), (1, 1), (0, 3, 0, 0)), ((2, 2), (2, 2), (1, 1), (0, 0, 0, 0))])

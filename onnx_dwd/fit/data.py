@@ -206,23 +206,42 @@ REFIT_VARIANTS = {"alg2": (0, False), "sweeps": (REFIT_SWEEPS, False), "sweeps+l
 
 
 def _refit_variant(weight: np.ndarray, stats: LayerStats, k: int, sweeps: int, least_squares: bool) -> Decomposition:
-    out = []
+    (dec,) = _refit_variants(weight, stats, k, [(sweeps, least_squares)])
+    return dec
+
+
+def _refit_variants(weight: np.ndarray, stats: LayerStats, k: int, variants) -> list:
+    """One Decomposition per (sweeps, least_squares) in variants, from one run of sweeps:
+    each variant's channels are the same sweeps stopped earlier or later, so fitting them
+    apart repeated most of the work (YOLOv8n's deep layers: 13 sweeps where 4 do)."""
+    stops = sorted({s for s, _ in variants})
+    per_variant = {v: [] for v in variants}
     for grp in _groups(weight, stats):
         cg = grp.w.shape[1]
         m = grp.w.copy()
         p = np.zeros((cg, m.shape[0], k))
         d = np.zeros((cg, k, grp.k2))
-        for _ in range(1 + sweeps):
-            _sweep(grp, m, p, d, k)
-        if least_squares:  # z = D x with block-diagonal D [c_g*K, c_g*k2]
-            dbd = np.zeros((cg * k, cg * grp.k2))
-            for i in range(cg):
-                dbd[i * k:(i + 1) * k, grp.block(i)] = d[i]
-            linv = inverse_cholesky(dbd @ grp.cxx @ dbd.T)
-            pw = (grp.cyx @ dbd.T) @ linv.T @ linv  # P = C_yz C_zz^-1
-            p = pw.reshape(m.shape[0], cg, k).transpose(1, 0, 2)
-        out.append((p, d))
-    return _finish(weight, out, stats)
+        done = -1  # extra sweeps run so far (the first sweep is Algorithm 2)
+        for stop in stops:
+            while done < stop:
+                _sweep(grp, m, p, d, k)
+                done += 1
+            for v in variants:
+                if v[0] == stop:
+                    per_variant[v].append((_pointwise_least_squares(grp, d, k, m.shape[0]) if v[1] else p.copy(),
+                                           d.copy()))
+    return [_finish(weight, per_variant[v], stats) for v in variants]
+
+
+def _pointwise_least_squares(grp: _Group, d: np.ndarray, k: int, n: int) -> np.ndarray:
+    """P [c_g, n_g, K] = C_yz C_zz^-1 for z = D x, D block-diagonal [c_g*K, c_g*k2]."""
+    cg = d.shape[0]
+    dbd = np.zeros((cg * k, cg * grp.k2))
+    for i in range(cg):
+        dbd[i * k:(i + 1) * k, grp.block(i)] = d[i]
+    linv = inverse_cholesky(dbd @ grp.cxx @ dbd.T)
+    pw = (grp.cyx @ dbd.T) @ linv.T @ linv
+    return pw.reshape(n, cg, k).transpose(1, 0, 2)
 
 
 def refit(weight: np.ndarray, stats: LayerStats, rank: int, validation: Optional[LayerStats] = None,
@@ -242,10 +261,9 @@ def refit(weight: np.ndarray, stats: LayerStats, rank: int, validation: Optional
     if validation is None or not validation.count:
         name = variant or "sweeps+ls"
         return dataclasses.replace(_refit_variant(weight, stats, k, *REFIT_VARIANTS[name]), detail=name)
-    scores = {}
-    for name, (sweeps, ls) in REFIT_VARIANTS.items():
-        dec = _refit_variant(weight, stats, k, sweeps, ls)
-        scores[name] = relative_error(validation, reconstruct_weight(dec), dec.bias)
+    fitted = _refit_variants(weight, stats, k, list(REFIT_VARIANTS.values()))
+    scores = {name: relative_error(validation, reconstruct_weight(dec), dec.bias)
+              for name, dec in zip(REFIT_VARIANTS, fitted)}
     best = min(scores, key=scores.get)
     merged = stats.merge(validation)
     return dataclasses.replace(_refit_variant(weight, merged, k, *REFIT_VARIANTS[best]), detail=best)
