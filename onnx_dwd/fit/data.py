@@ -76,9 +76,16 @@ def inverse_cholesky(cov: np.ndarray) -> np.ndarray:
 def _whitened_fit(cross: np.ndarray, linv: np.ndarray, rank: int) -> Tuple[np.ndarray, np.ndarray]:
     """reduced_rank_fit with the covariance given as L^-1."""
     a = cross @ linv.T  # B L^-T
-    u, s, vt = np.linalg.svd(a, full_matrices=False)
-    u, vt = svd_flip(u[:, :rank], vt[:rank])
-    p = u * s[:rank]
+    if a.shape[1] <= a.shape[0]:
+        # the top-K right singular vectors from the q x q Gram matrix: a channel's fit in a
+        # sweep (q = kh*kw) costs half an SVD, and P = A V_K = U_K S_K needs no division
+        _, vecs = np.linalg.eigh(a.T @ a)
+        v = vecs[:, ::-1][:, :rank]
+        p, vt = svd_flip(a @ v, v.T)
+    else:
+        u, s, vt = np.linalg.svd(a, full_matrices=False)
+        u, vt = svd_flip(u[:, :rank], vt[:rank])
+        p = u * s[:rank]
     d = vt @ linv  # V_K^T L^-1
     # balance the scale between the two factors (the product is unchanged)
     scale = np.sqrt(np.linalg.norm(d, axis=1) / np.maximum(np.linalg.norm(p, axis=0), 1e-30))
