@@ -138,15 +138,16 @@ def _groups(weight: np.ndarray, stats: LayerStats):
         yield _Group(w[k], mx, my, cxx, cyx)
 
 
-def _finish(weight, groups_pd, stats) -> Decomposition:
-    """Per-group (P [c_g, n_g, K], D [c_g, K, k2]) -> Decomposition with the mean-absorbing bias."""
+def _finish(weight, groups_pd, groups) -> Decomposition:
+    """Per-group (P [c_g, n_g, K], D [c_g, K, k2]) -> Decomposition with the mean-absorbing bias
+    (groups: the _Group problems they solve)."""
     p_blocks = np.stack([p for p, _ in groups_pd])
     d_blocks = np.stack([d for _, d in groups_pd])
     biases = []
-    for (p, d), grp in zip(groups_pd, _groups(weight, stats)):
+    for (p, d), grp in zip(groups_pd, groups):
         m = np.einsum("jok,jkx->ojx", p, d).reshape(p.shape[1], -1)  # [n_g, c_g*k2]
         biases.append(grp.my - m @ grp.mx)
-    dec = assemble(p_blocks, d_blocks, weight.shape[2:], stats.group, np.concatenate(biases))
+    dec = assemble(p_blocks, d_blocks, weight.shape[2:], len(groups), np.concatenate(biases))
     dtype = weight.dtype
     return Decomposition(dec.depthwise.astype(dtype), dec.pointwise.astype(dtype), dec.rank, dec.group,
                          dec.bias.astype(dtype))
@@ -162,7 +163,8 @@ def dwd(weight: np.ndarray, stats: LayerStats, rank: int) -> Decomposition:
     """Paper Algorithm 1: per channel i, P_i = top-K eigenvectors of W_i C_ii W_i^T, D_i = P_i^T W_i."""
     k = _effective_rank(weight, rank, stats)
     out = []
-    for grp in _groups(weight, stats):
+    groups = list(_groups(weight, stats))
+    for grp in groups:
         ps, ds = [], []
         for i in range(grp.w.shape[1]):
             wi = grp.w[:, i]
@@ -173,7 +175,7 @@ def dwd(weight: np.ndarray, stats: LayerStats, rank: int) -> Decomposition:
             ps.append(u)
             ds.append(u.T @ wi)
         out.append((np.stack(ps), np.stack(ds)))
-    return _finish(weight, out, stats)
+    return _finish(weight, out, groups)
 
 
 class _Sweeps:
@@ -226,11 +228,12 @@ def dwd_comp(weight: np.ndarray, stats: LayerStats, rank: int) -> Decomposition:
     """
     k = _effective_rank(weight, rank, stats)
     out = []
-    for grp in _groups(weight, stats):
+    groups = list(_groups(weight, stats))
+    for grp in groups:
         sweeps = _Sweeps(grp, k)
         sweeps.sweep()
         out.append((sweeps.p, sweeps.d))
-    return _finish(weight, out, stats)
+    return _finish(weight, out, groups)
 
 
 #: refit's variants, from the paper's algorithm to the full joint solve:
@@ -249,7 +252,8 @@ def _refit_variants(weight: np.ndarray, stats: LayerStats, k: int, variants) -> 
     apart repeated most of the work (YOLOv8n's deep layers: 13 sweeps where 4 do)."""
     stops = sorted({s for s, _ in variants})
     per_variant = {v: [] for v in variants}
-    for grp in _groups(weight, stats):
+    groups = list(_groups(weight, stats))
+    for grp in groups:
         sweeps = _Sweeps(grp, k)
         for stop in stops:
             while sweeps.done < 1 + stop:  # the first sweep is Algorithm 2; stop counts the extra ones
@@ -258,7 +262,7 @@ def _refit_variants(weight: np.ndarray, stats: LayerStats, k: int, variants) -> 
                 if v[0] == stop:
                     p = _pointwise_least_squares(grp, sweeps.d, k) if v[1] else sweeps.p.copy()
                     per_variant[v].append((p, sweeps.d.copy()))
-    return [_finish(weight, per_variant[v], stats) for v in variants]
+    return [_finish(weight, per_variant[v], groups) for v in variants]
 
 
 def _pointwise_least_squares(grp: _Group, d: np.ndarray, k: int) -> np.ndarray:

@@ -162,7 +162,8 @@ class LayerStats:
         ng = self.sy.shape[0] // self.group
         rows = slice(k * ng, (k + 1) * ng)
         mx, my = self.sx[k] / self.count, self.sy[rows] / self.count
-        cxx = self.sxx[k] / self.count - np.outer(mx, mx)
+        cxx = self.sxx[k] / self.count
+        cxx -= np.outer(mx, mx)
         cyx = self.syx[rows] / self.count - np.outer(my, mx)
         return mx, my, cxx, cyx
 
