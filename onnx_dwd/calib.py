@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from .errors import DwdError, OptionError
+from .spill import FileWriter, RawArray
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 LABELS_FILE = "labels.csv"
@@ -357,11 +358,11 @@ def feed_calibration(source, specs: Sequence[InputSpec], holdout: float) -> Cali
 
 
 class DiskCache:
-    """Re-iterable parts backed by .npz files in a temporary folder.
+    """Re-iterable parts backed by raw files in a temporary folder (spill.py).
 
     The first pass over a part reads the source (decoding images, running
-    preprocessing) and saves each feed; later passes read the saved feeds.
-    Memory stays at one batch whatever the number of images.
+    preprocessing) and saves each feed, in a writer thread; later passes read
+    the saved feeds. Memory stays at a few batches whatever the number of images.
     """
 
     def __init__(self):
@@ -370,26 +371,32 @@ class DiskCache:
         self._count = 0
 
     def wrap(self, part: Part) -> Part:
-        files: List[Tuple[Path, List[str]]] = []
+        saved: List[Dict[str, RawArray]] = []
         done = [False]
         source = part.batches
         root = Path(self._dir.name)
 
         def batches():
             if done[0]:
-                for f, names in files:
-                    with np.load(f) as z:
-                        yield {name: z[f"arr_{i}"] for i, name in enumerate(names)}
+                for feed in saved:
+                    yield {name: array.load() for name, array in feed.items()}
                 return
-            files.clear()  # an earlier pass may have stopped early
-            for feed in source():
-                path = root / f"{self._count:07d}.npz"
-                self._count += 1
-                # positional arrays: input names such as "file" would clash with savez's keywords
-                np.savez(path, *feed.values())
-                files.append((path, list(feed)))
-                yield feed
-            done[0] = True
+            saved.clear()  # an earlier pass may have stopped early
+            writer = FileWriter()
+            try:
+                for feed in source():
+                    files = {}
+                    for name, value in feed.items():
+                        value = np.array(value)  # a copy: a source may refill its arrays for the next feed
+                        files[name] = RawArray.of(value, root / f"{self._count:07d}.bin")
+                        self._count += 1
+                        writer.submit(files[name].write, value)
+                    saved.append(files)
+                    yield feed
+                writer.wait()  # every file written before a later pass reads it
+                done[0] = True
+            finally:
+                writer.close()
 
         return Part(batches, part.labels, part.count)
 

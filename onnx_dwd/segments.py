@@ -16,7 +16,6 @@ upstream of their own or lower levels' inputs, so no step had run them.
 from __future__ import annotations
 
 import dataclasses
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set
 
@@ -24,6 +23,7 @@ import numpy as np
 import onnx
 
 from .runtimes import make_session, run_batches
+from .spill import FileWriter, RawArray
 
 Feeds = Callable[[], Iterable[Dict[str, np.ndarray]]]
 
@@ -141,7 +141,7 @@ class Lineage:
         self.computed: Optional[Set[str]] = None  # None: nothing run yet, the frontier is the feeds
         self.frontier: List[str] = []
         self.types: Dict[str, int] = {}
-        self.kept: List[Dict[str, _Kept]] = []  # per batch: the frontier tensors on disk
+        self.kept: List[Dict[str, RawArray]] = []  # per batch: the frontier tensors on disk
         self.saved = 0  # files written so far: each file's own number
         self.ended = False
 
@@ -176,7 +176,7 @@ class Lineage:
             session = make_session(segment_model(model, segment, run, self.types), threads=self.threads,
                                    what=self.what)
         types = {}
-        writer = _Writer()
+        writer = FileWriter()
         try:
             for index, values in enumerate(self._load(reads)):
                 if session is not None:
@@ -189,7 +189,7 @@ class Lineage:
                     writer.submit(kept.pop(name).path.unlink)
                 for name in joining:
                     self.saved += 1
-                    kept[name] = _Kept.of(values[name], self.workdir / f"{self.tag}-{index:06d}-{self.saved:08d}.bin")
+                    kept[name] = RawArray.of(values[name], self.workdir / f"{self.tag}-{index:06d}-{self.saved:08d}.bin")
                     writer.submit(kept[name].write, values[name])
                 if not types:
                     types = {n: onnx.helper.np_dtype_to_tensor_dtype(values[n].dtype) for n in run}
@@ -209,48 +209,3 @@ class Lineage:
             return
         for kept in self.kept:
             yield {name: kept[name].load() for name in names}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Kept:
-    """One tensor of one batch, raw on disk (dtype and shape kept here: no header to parse)."""
-
-    path: Path
-    dtype: np.dtype
-    shape: tuple
-
-    @classmethod
-    def of(cls, value: np.ndarray, path: Path) -> "_Kept":
-        return cls(path, value.dtype, value.shape)
-
-    def write(self, value: np.ndarray) -> None:
-        np.ascontiguousarray(value).tofile(self.path)
-
-    def load(self) -> np.ndarray:
-        return np.fromfile(self.path, dtype=self.dtype).reshape(self.shape)
-
-
-class _Writer:
-    """File writes and deletions in a thread of their own, at most `depth` pending (each holds
-    a batch's tensor). Writing new files costs about 2.4 s per GB where the page cache grows
-    (YOLOv8n, 1024 images: about 11 GB over the levels), as much as running the nodes; in a
-    thread of its own it overlaps them (the levels' passes 94.3 -> 88.1 s in all)."""
-
-    def __init__(self, depth: int = 4):
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-dwd-writer")
-        self.pending: List[Future] = []
-        self.depth = depth
-
-    def submit(self, fn, *args) -> None:
-        self.pending.append(self.pool.submit(fn, *args))
-        while len(self.pending) > self.depth:
-            self.pending.pop(0).result()
-
-    def wait(self) -> None:
-        while self.pending:
-            self.pending.pop(0).result()
-
-    def close(self) -> None:
-        for f in self.pending:
-            f.cancel()
-        self.pool.shutdown(wait=True)

@@ -540,9 +540,24 @@ def test_disk_cache_is_removed_on_close():
     folder = Path(cache._dir.name)
     part = cache.wrap(counted_part(2, []))
     as_list(part)
-    assert len(list(folder.iterdir())) == 2
+    assert len(list(folder.iterdir())) == 4  # a raw file per feed and input
     cache.close()
     assert not folder.exists()
+
+
+def test_disk_cache_keeps_each_feed_of_a_source_that_refills_one_array():
+    """The files are written in a thread after the feed is yielded: what they hold must be the
+    feed as it was, not the source's buffer refilled for the next one."""
+    def refilled():
+        buffer = np.zeros((64, 64), np.float32)
+        for i in range(12):
+            buffer[:] = i
+            yield {"x": buffer}
+
+    with DiskCache() as cache:
+        part = cache.wrap(Part(refilled, None, 12))
+        assert [float(f["x"][0, 0]) for f in part.batches()] == list(range(12))
+        assert [float(f["x"].mean()) for f in part.batches()] == list(range(12))
 
 
 @pytest.mark.parametrize("name", ["file", "allow_pickle"])
