@@ -190,6 +190,11 @@ def read_labels(folder: Path, files: Sequence[Path]) -> Optional[np.ndarray]:
 
 def load_image(path: Path, layout: ImageLayout, pre: Preprocess) -> np.ndarray:
     """One image as float32 [H, W, C], preprocessed."""
+    return normalize_images(decode_image(path, layout, pre), layout, pre)
+
+
+def decode_image(path: Path, layout: ImageLayout, pre: Preprocess) -> np.ndarray:
+    """One image as uint8 [H, W, C], resized and cropped: a quarter of its float32 size."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -204,9 +209,14 @@ def load_image(path: Path, layout: ImageLayout, pre: Preprocess) -> np.ndarray:
                 im = im.crop((left, top, left + layout.width, top + layout.height))
             elif im.size != (layout.width, layout.height):
                 im = im.resize((layout.width, layout.height), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32).reshape(layout.height, layout.width, layout.channels)
+            return np.asarray(im, dtype=np.uint8).reshape(layout.height, layout.width, layout.channels)
     except (UnidentifiedImageError, OSError) as exc:
         raise OptionError(f"{path}: cannot read image ({exc})") from None
+
+
+def normalize_images(pixels: np.ndarray, layout: ImageLayout, pre: Preprocess) -> np.ndarray:
+    """Decoded pixels uint8 [..., H, W, C] -> float32, preprocessed (channel order, scale, mean, std)."""
+    arr = pixels.astype(np.float32)
     if layout.channels == 3 and pre.channel_order == "bgr":
         arr = arr[..., ::-1]
     mean = np.asarray(pre.mean, dtype=np.float32)
@@ -223,6 +233,10 @@ class Part:
     batches: Callable[[], Iterator[Dict[str, np.ndarray]]]
     labels: Optional[np.ndarray]
     count: int
+    # optional: the feeds in a smaller form (decoded images) and the function that makes a
+    # feed of one; batches() is expand() over compact(). A cache keeps the smaller form.
+    compact: Optional[Callable[[], Iterator[Dict[str, np.ndarray]]]] = None
+    expand: Optional[Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]]] = None
 
 
 @dataclasses.dataclass
@@ -268,13 +282,18 @@ def image_calibration(folder: Path, specs: Sequence[InputSpec], pre: Preprocess,
     def part(indices: List[int]) -> Part:
         usable = indices if spec.dynamic_batch else indices[:len(indices) - len(indices) % batch]
 
-        def batches():
+        def compact():
             for start in range(0, len(usable), batch):
-                chunk = np.stack([load_image(files[i], layout, pre) for i in usable[start:start + batch]])
-                if not layout.channels_last:
-                    chunk = chunk.transpose(0, 3, 1, 2)
-                yield {spec.name: np.ascontiguousarray(chunk, dtype=spec.dtype)}
-        return Part(batches, labels[usable] if labels is not None else None, len(usable))
+                yield {spec.name: np.stack([decode_image(files[i], layout, pre) for i in usable[start:start + batch]])}
+
+        def expand(pixels: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+            chunk = normalize_images(pixels[spec.name], layout, pre)
+            if not layout.channels_last:
+                chunk = chunk.transpose(0, 3, 1, 2)
+            return {spec.name: np.ascontiguousarray(chunk, dtype=spec.dtype)}
+
+        return Part(lambda: map(expand, compact()), labels[usable] if labels is not None else None, len(usable),
+                    compact, expand)
 
     fit, held = _split_indices(len(files), holdout_period(holdout))
     return Calibration(part(fit), part(held), f"{len(files)} images from {folder}")
@@ -362,7 +381,10 @@ class DiskCache:
 
     The first pass over a part reads the source (decoding images, running
     preprocessing) and saves each feed, in a writer thread; later passes read
-    the saved feeds. Memory stays at a few batches whatever the number of images.
+    the saved feeds. A part with a compact form (images: uint8 pixels, a
+    quarter of the float32 feed) is saved in that form and expanded on every
+    read: YOLOv8n's 1024 feeds take 0.3 GB, not 1.2 GB, of page cache, whose
+    growth costs about 1.6 s per GB on these VMs. Memory stays at a few batches whatever the number of images.
     """
 
     def __init__(self):
@@ -373,13 +395,13 @@ class DiskCache:
     def wrap(self, part: Part) -> Part:
         saved: List[Dict[str, RawArray]] = []
         done = [False]
-        source = part.batches
+        source, expand = (part.compact, part.expand) if part.compact is not None else (part.batches, lambda f: f)
         root = Path(self._dir.name)
 
         def batches():
             if done[0]:
                 for feed in saved:
-                    yield {name: array.load() for name, array in feed.items()}
+                    yield expand({name: array.load() for name, array in feed.items()})
                 return
             saved.clear()  # an earlier pass may have stopped early
             writer = FileWriter()
@@ -392,7 +414,7 @@ class DiskCache:
                         self._count += 1
                         writer.submit(files[name].write, value)
                     saved.append(files)
-                    yield feed
+                    yield expand(feed)
                 writer.wait()  # every file written before a later pass reads it
                 done[0] = True
             finally:

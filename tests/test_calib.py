@@ -560,6 +560,28 @@ def test_disk_cache_keeps_each_feed_of_a_source_that_refills_one_array():
         assert [float(f["x"].mean()) for f in part.batches()] == list(range(12))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_disk_cache_keeps_images_as_pixels_and_gives_the_same_feeds(tmp_path, rng, layout):
+    """An image part is cached as uint8 pixels (a quarter of the float feed) and expanded on
+    every read into exactly the feeds the part itself gives."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    shape = (1, 3, 9, 7) if layout == "nchw" else (1, 9, 7, 3)
+    pre = Preprocess(mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25), channel_order="bgr", layout=layout)
+    part = image_calibration(folder, [spec(shape)], pre, holdout=0).fit
+    direct = [f["x"] for f in part.batches()]
+    with DiskCache() as cache:
+        cached = cache.wrap(part)
+        for _ in range(2):  # the pass that fills the cache, then one that reads it
+            feeds = [f["x"] for f in cached.batches()]
+            assert all(a.dtype == np.float32 and np.array_equal(a, b) for a, b in zip(feeds, direct))
+            assert len(feeds) == 3
+        sizes = [p.stat().st_size for p in Path(cache._dir.name).iterdir()]
+    assert sizes == [9 * 7 * 3] * 3  # one byte per pixel and channel
+
+
 @pytest.mark.parametrize("name", ["file", "allow_pickle"])
 def test_disk_cache_keeps_any_input_name(name):
     with DiskCache() as cache:
