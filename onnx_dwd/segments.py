@@ -125,7 +125,8 @@ class Lineage:
     in workdir, one raw file per batch and tensor: a tensor is written once,
     when it joins the frontier, read only by the steps that need it, and its
     file deleted when it leaves (the owner of workdir deletes the rest), both
-    in a writer thread beside onnxruntime.
+    in a writer thread beside onnxruntime. The graph inputs are not written:
+    a step that needs them iterates the feeds again, in step with the files.
     Rewriting the whole frontier at every step cost more than running the
     nodes (YOLOv8n: 10 s of 55 s for 256 images).
     """
@@ -141,6 +142,7 @@ class Lineage:
         self.computed: Optional[Set[str]] = None  # None: nothing run yet, the frontier is the feeds
         self.frontier: List[str] = []
         self.types: Dict[str, int] = {}
+        self.types_of_feeds: Dict[str, int] = {}  # the graph inputs, which the feeds hold
         self.kept: List[Dict[str, RawArray]] = []  # per batch: the frontier tensors on disk
         self.saved = 0  # files written so far: each file's own number
         self.ended = False
@@ -164,13 +166,16 @@ class Lineage:
             self.computed = {i.name for i in inputs}
             self.frontier = [i.name for i in inputs]
             self.types = {i.name: i.type.tensor_type.elem_type for i in inputs}
+            self.types_of_feeds = dict(self.types)
         targets = list(dict.fromkeys(targets))
         segment = plan_segment(graph, set(self.frontier), self.computed, targets)
         computed = self.computed | segment.produced
         frontier = frontier_after(graph, computed) if keep else []
         run = [n for n in dict.fromkeys(targets + frontier) if n in segment.produced]
         reads = list(dict.fromkeys(segment.inputs + [t for t in targets if t not in segment.produced]))
-        joining = [n for n in frontier if first or n not in self.frontier]  # the step 0 feeds are not on disk
+        # the feeds are never written: a later step reads them from the feeds again (a calibration
+        # cache's compact pixels cost less to read and expand than a float copy costs to write)
+        joining = [n for n in frontier if n not in self.types_of_feeds and (first or n not in self.frontier)]
         session = None
         if run:
             session = make_session(segment_model(model, segment, run, self.types), threads=self.threads,
@@ -207,5 +212,15 @@ class Lineage:
             for feed in self.feeds():
                 yield dict(feed)
             return
+        from_feeds = [n for n in names if n in self.types_of_feeds]
+        feeds = iter(self.feeds()) if from_feeds else None
         for kept in self.kept:
-            yield {name: kept[name].load() for name in names}
+            values = {name: kept[name].load() for name in names if name not in self.types_of_feeds}
+            if feeds is not None:
+                feed = next(feeds, None)
+                if feed is None:
+                    raise RuntimeError("internal: the feeds gave fewer batches than the lineage's first step")
+                values.update((n, feed[n]) for n in from_feeds)
+            yield values
+        if feeds is not None and next(feeds, None) is not None:
+            raise RuntimeError("internal: the feeds gave more batches than the lineage's first step")

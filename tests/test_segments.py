@@ -50,12 +50,11 @@ def test_steps_equal_the_whole_model_and_keep_only_what_later_nodes_read(rng, fe
     lineage = Lineage(lambda: feeds, tmp_path, "t")
     first = list(lineage.step(model, ["c1"]))
     assert set(lineage.frontier) == {"x", "c1"}  # relu (not run) reads c1, sum reads x
-    assert len(list(tmp_path.iterdir())) == 2 * len(feeds)  # one file per batch and kept tensor
-    x_files = {kept["x"].path for kept in lineage.kept}
+    # one file per batch and kept tensor, but none for x: a graph input is read from the feeds again
+    assert len(list(tmp_path.iterdir())) == len(feeds) and all(set(kept) == {"c1"} for kept in lineage.kept)
     second = list(lineage.step(model, ["c2", "x"]))
     assert set(lineage.frontier) == {"r1", "c2", "x"}
-    assert len(list(tmp_path.iterdir())) == 3 * len(feeds)  # c1's files deleted, r1's and c2's written
-    assert {kept["x"].path for kept in lineage.kept} == x_files  # x stayed in the frontier: written once
+    assert len(list(tmp_path.iterdir())) == 2 * len(feeds)  # c1's files deleted, r1's and c2's written
     third = list(lineage.step(model, ["y"], keep=False))
     assert list(tmp_path.iterdir()) == []  # every file deleted once it left the frontier; the last step saves none
     for feed, a, b, c in zip(feeds, first, second, third):
@@ -67,6 +66,23 @@ def test_steps_equal_the_whole_model_and_keep_only_what_later_nodes_read(rng, fe
         np.testing.assert_allclose(c["y"], want["y"], rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="last step"):
         next(lineage.step(model, ["y"]))
+
+
+@pytest.mark.parametrize("later", [1, 5])
+def test_feeds_that_change_their_batch_count_between_steps_are_an_error(rng, tmp_path, later):
+    """Later steps read the graph inputs from the feeds again, in step with the files."""
+    model = skip_model(rng)
+    batches = [{"x": rng.standard_normal((1, 2, 6, 6)).astype(np.float32)} for _ in range(5)]
+    calls = []
+
+    def feeds():
+        calls.append(None)
+        return iter(batches if len(calls) == 1 else batches[:later] + batches[:later])
+
+    lineage = Lineage(feeds, tmp_path, "t")
+    list(lineage.step(model, ["c1"]))
+    with pytest.raises(RuntimeError, match="fewer" if later == 1 else "more"):
+        list(lineage.step(model, ["y"]))
 
 
 def test_each_node_runs_in_exactly_one_step(rng):
