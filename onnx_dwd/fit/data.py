@@ -260,20 +260,27 @@ def _refit_variants(weight: np.ndarray, stats: LayerStats, k: int, variants) -> 
                 sweeps.sweep()
             for v in variants:
                 if v[0] == stop:
-                    p = _pointwise_least_squares(grp, sweeps.d, k) if v[1] else sweeps.p.copy()
+                    p = _pointwise_least_squares(grp, sweeps) if v[1] else sweeps.p.copy()
                     per_variant[v].append((p, sweeps.d.copy()))
     return [_finish(weight, per_variant[v], groups) for v in variants]
 
 
-def _pointwise_least_squares(grp: _Group, d: np.ndarray, k: int) -> np.ndarray:
-    """P [c_g, n_g, K] = C_yz C_zz^-1 for z = D x, D block-diagonal [c_g*K, c_g*k2]."""
-    cg = d.shape[0]
-    dbd = np.zeros((cg * k, cg * grp.k2))
-    for i in range(cg):
-        dbd[i * k:(i + 1) * k, grp.block(i)] = d[i]
-    linv = inverse_cholesky(dbd @ grp.cxx @ dbd.T)
-    pw = (grp.cyx @ dbd.T) @ linv.T @ linv
-    return pw.reshape(len(pw), cg, k).transpose(1, 0, 2)
+def _pointwise_least_squares(grp: _Group, sweeps: _Sweeps) -> np.ndarray:
+    """P [c_g, n_g, K] = C_yz C_zz^-1 for z = D x, D block-diagonal [c_g*K, c_g*k2].
+
+    Both moments from the blocks (a dense D would cost c_g times more):
+    C_zz[i, j] = D_i C_{i,j} D_j^T = (D_i C_{i,:}) restricted to block j, times D_j^T, with
+    the sweeps' D_i C_{i,:}; C_yz[:, j] = C_yx[:, block j] D_j^T.
+    """
+    d, k = sweeps.d, sweeps.k
+    cg, k2 = d.shape[0], grp.k2
+    n = grp.cyx.shape[0]
+    rows = sweeps.t.reshape(cg, k2, cg * k)  # [j, b, (i, K')] = (D_i C_{i, block j})[K', b]
+    czz = np.einsum("jbi,jKb->ijK", rows, d).reshape(cg * k, cg * k)
+    cyz = np.einsum("njb,jKb->njK", grp.cyx.reshape(n, cg, k2), d).reshape(n, cg * k)
+    linv = inverse_cholesky(czz)
+    pw = cyz @ linv.T @ linv
+    return pw.reshape(n, cg, k).transpose(1, 0, 2)
 
 
 def refit(weight: np.ndarray, stats: LayerStats, rank: int, validation: Optional[LayerStats] = None,
