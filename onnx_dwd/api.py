@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -20,7 +21,7 @@ from .modelio import check_writable, default_opset, load_model, refuse_to_overwr
 from .report import render_markdown, to_json
 from .runtimes import make_session
 from .selection import Chooser, measure_latency
-from .validate import compare_models
+from .validate import BackgroundReference, compare_models
 
 
 def load_calibration(config: OptimizeConfig, specs, calibration=None) -> Optional[Calibration]:
@@ -64,13 +65,23 @@ def optimize(input_path: os.PathLike, output_path: os.PathLike, config: Optional
     specs = resolve_input_specs(original, config.input_shapes, str(input_path))
     calib = load_calibration(config, specs, calibration)
     config.resolved_method(calib is not None)  # fail early on a data-driven method without data
-    with DiskCache() as cache:
+    with DiskCache() as cache, contextlib.ExitStack() as stack:
+        reference = None
+        if calib is not None and calib.holdout.count and calibration is None:
+            # the original on the held-out data, beside the fit; only from files this package
+            # reads (a caller's iterable need not stand being iterated from two threads at once)
+            reference = stack.enter_context(BackgroundReference(original, calib.holdout.batches,
+                                                                output_names(original), what=str(input_path)))
         if calib is not None:  # fitting reads the data once per dependency level
             calib = dataclasses.replace(calib, fit=cache.wrap(calib.fit), holdout=cache.wrap(calib.holdout))
-        return _optimize(input_path, output_path, config, original, specs, calib, progress, started)
+        return _optimize(input_path, output_path, config, original, specs, calib, progress, started, reference)
 
 
-def _optimize(input_path, output_path, config, original, specs, calib, progress, started) -> Dict:
+def output_names(model) -> list:
+    return [o.name for o in model.graph.output]
+
+
+def _optimize(input_path, output_path, config, original, specs, calib, progress, started, reference=None) -> Dict:
 
     if calib is not None and calib.holdout.count:
         validation_feeds, labels = calib.holdout.batches, calib.holdout.labels
@@ -94,10 +105,10 @@ def _optimize(input_path, output_path, config, original, specs, calib, progress,
     entries = result.layers
 
     with staged_model(result.model, output_path) as staged:
-        ref_session = make_session(original, what=str(input_path))
+        if reference is None:
+            reference = make_session(original, what=str(input_path))
         opt_session = make_session(staged, what=f"optimized model for {output_path}")
-        names_out = [o.name for o in ref_session.get_outputs()]
-        validation = compare_models(ref_session, opt_session, validation_feeds(), names_out, labels,
+        validation = compare_models(reference, opt_session, validation_feeds(), output_names(original), labels,
                                     what=(str(input_path), f"optimized model for {output_path}"))
         validation["inputs"] = inputs_desc
         latency = None

@@ -36,3 +36,38 @@ def test_identical_outputs_and_no_classifier():
     out = comparison.result()
     assert out["outputs"]["y"]["rel_error"] == 0 and out["outputs"]["y"]["cosine"] == pytest.approx(1)
     assert math.isinf(out["outputs"]["y"]["sqnr_db"]) and "top1_agreement" not in out
+
+
+def test_a_background_reference_gives_what_the_session_gives(rng):
+    """The original's outputs computed beside the fit, on one thread at low priority, make the
+    same comparison as running it during validation; a feed-count mismatch is an error."""
+    from conftest import conv_model
+
+    from onnx_dwd.runtimes import make_session
+    from onnx_dwd.validate import BackgroundReference, compare_models
+    model = conv_model(rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4), (1, 3, 8, 8))
+    other = conv_model(rng.standard_normal((4, 3, 3, 3)), None, (1, 3, 8, 8))
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(5)]
+    names = [o.name for o in model.graph.output]
+    want = compare_models(make_session(model), make_session(other), feeds, names)
+    with BackgroundReference(model, lambda: iter(feeds), names) as reference:
+        assert compare_models(reference, make_session(other), feeds, names) == want
+        recorded = [outs for outs in reference.outputs()]
+        assert len(recorded) == 5 and all(np.array_equal(outs[0], run_out)
+                                           for outs, (run_out,) in zip(recorded, (make_session(model).run(names, f)
+                                                                                  for f in feeds)))
+        with pytest.raises(RuntimeError, match="fewer feeds"):
+            compare_models(reference, make_session(other), feeds + feeds[:1], names)
+
+
+def test_a_background_reference_raises_its_error_at_validation(rng):
+    from conftest import conv_model
+
+    from onnx_dwd.errors import DwdError
+    from onnx_dwd.runtimes import make_session
+    from onnx_dwd.validate import BackgroundReference, compare_models
+    model = conv_model(rng.standard_normal((4, 3, 3, 3)), None, (1, 3, 8, 8))
+    bad = [{"x": np.zeros((1, 5, 8, 8), np.float32)}]  # 5 channels where the conv takes 3
+    with BackgroundReference(model, lambda: iter(bad), ["y"], what="m.onnx") as reference:
+        with pytest.raises(DwdError, match="m.onnx: onnxruntime failed"):
+            compare_models(reference, make_session(model), bad, ["y"])
