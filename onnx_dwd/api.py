@@ -67,13 +67,12 @@ def optimize(input_path: os.PathLike, output_path: os.PathLike, config: Optional
     config.resolved_method(calib is not None)  # fail early on a data-driven method without data
     with DiskCache() as cache, contextlib.ExitStack() as stack:
         reference = None
-        if calib is not None and calib.holdout.count and calibration is None:
-            # the original on the held-out data, beside the fit; only from files this package
-            # reads (a caller's iterable need not stand being iterated from two threads at once)
-            reference = stack.enter_context(BackgroundReference(original, calib.holdout.batches,
-                                                                output_names(original), what=str(input_path)))
         if calib is not None:  # fitting reads the data once per dependency level
             calib = dataclasses.replace(calib, fit=cache.wrap(calib.fit), holdout=cache.wrap(calib.holdout))
+            if calib.holdout.count:  # the original on the held-out data, beside the fit
+                reference = stack.enter_context(BackgroundReference(
+                    original, calib.holdout.batches, calib.holdout.filled, output_names(original),
+                    what=str(input_path)))
         return _optimize(input_path, output_path, config, original, specs, calib, progress, started, reference)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import threading
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -246,6 +247,9 @@ class Part:
     # feed of one; batches() is expand() over compact(). A cache keeps the smaller form.
     compact: Optional[Callable[[], Iterator[Dict[str, np.ndarray]]]] = None
     expand: Optional[Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]]] = None
+    # a cached part: set once a whole pass has saved every feed (reading it from then on
+    # only reads files, from any thread)
+    filled: Optional[threading.Event] = None
 
 
 @dataclasses.dataclass
@@ -391,7 +395,8 @@ class DiskCache:
     the saved feeds. A part with a compact form (images: uint8 pixels, a
     quarter of the float32 feed) is saved in that form and expanded on every
     read: YOLOv8n's 1024 feeds take 0.3 GB, not 1.2 GB, of page cache, whose
-    growth costs about 1.6 s per GB on these VMs. Memory stays at a few batches whatever the number of images.
+    growth costs about 1.6 s per GB on these VMs. Memory stays at a few
+    batches whatever the number of images.
     """
 
     def __init__(self):
@@ -401,12 +406,12 @@ class DiskCache:
 
     def wrap(self, part: Part) -> Part:
         saved: List[Dict[str, RawArray]] = []
-        done = [False]
+        done = threading.Event()
         source, expand = (part.compact, part.expand) if part.compact is not None else (part.batches, lambda f: f)
         root = Path(self._dir.name)
 
         def batches():
-            if done[0]:
+            if done.is_set():
                 for feed in saved:
                     yield expand({name: array.load() for name, array in feed.items()})
                 return
@@ -423,11 +428,11 @@ class DiskCache:
                     saved.append(files)
                     yield expand(feed)
                 writer.wait()  # every file written before a later pass reads it
-                done[0] = True
+                done.set()
             finally:
                 writer.close()
 
-        return Part(batches, part.labels, part.count)
+        return Part(batches, part.labels, part.count, filled=done)
 
     def close(self) -> None:
         self._dir.cleanup()

@@ -142,7 +142,7 @@ class Lineage:
         self.computed: Optional[Set[str]] = None  # None: nothing run yet, the frontier is the feeds
         self.frontier: List[str] = []
         self.types: Dict[str, int] = {}
-        self.types_of_feeds: Dict[str, int] = {}  # the graph inputs, which the feeds hold
+        self.graph_inputs: Set[str] = set()  # what the feeds hold
         self.kept: List[Dict[str, RawArray]] = []  # per batch: the frontier tensors on disk
         self.saved = 0  # files written so far: each file's own number
         self.ended = False
@@ -166,7 +166,7 @@ class Lineage:
             self.computed = {i.name for i in inputs}
             self.frontier = [i.name for i in inputs]
             self.types = {i.name: i.type.tensor_type.elem_type for i in inputs}
-            self.types_of_feeds = dict(self.types)
+            self.graph_inputs = set(self.types)
         targets = list(dict.fromkeys(targets))
         segment = plan_segment(graph, set(self.frontier), self.computed, targets)
         computed = self.computed | segment.produced
@@ -175,7 +175,7 @@ class Lineage:
         reads = list(dict.fromkeys(segment.inputs + [t for t in targets if t not in segment.produced]))
         # the feeds are never written: a later step reads them from the feeds again (a calibration
         # cache's compact pixels cost less to read and expand than a float copy costs to write)
-        joining = [n for n in frontier if n not in self.types_of_feeds and (first or n not in self.frontier)]
+        joining = [n for n in frontier if n not in self.graph_inputs and (first or n not in self.frontier)]
         session = None
         if run:
             session = make_session(segment_model(model, segment, run, self.types), threads=self.threads,
@@ -212,10 +212,10 @@ class Lineage:
             for feed in self.feeds():
                 yield dict(feed)
             return
-        from_feeds = [n for n in names if n in self.types_of_feeds]
+        from_feeds = [n for n in names if n in self.graph_inputs]
         feeds = iter(self.feeds()) if from_feeds else None
         for kept in self.kept:
-            values = {name: kept[name].load() for name in names if name not in self.types_of_feeds}
+            values = {name: kept[name].load() for name in names if name not in self.graph_inputs}
             if feeds is not None:
                 feed = next(feeds, None)
                 if feed is None:

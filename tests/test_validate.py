@@ -1,6 +1,7 @@
 """Comparison: metrics summed feed by feed equal the metrics of all outputs at once."""
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -50,7 +51,9 @@ def test_a_background_reference_gives_what_the_session_gives(rng):
     feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(5)]
     names = [o.name for o in model.graph.output]
     want = compare_models(make_session(model), make_session(other), feeds, names)
-    with BackgroundReference(model, lambda: iter(feeds), names) as reference:
+    ready = threading.Event()
+    ready.set()
+    with BackgroundReference(model, lambda: iter(feeds), ready, names) as reference:
         assert compare_models(reference, make_session(other), feeds, names) == want
         recorded = [outs for outs in reference.outputs()]
         assert len(recorded) == 5 and all(np.array_equal(outs[0], run_out)
@@ -68,6 +71,29 @@ def test_a_background_reference_raises_its_error_at_validation(rng):
     from onnx_dwd.validate import BackgroundReference, compare_models
     model = conv_model(rng.standard_normal((4, 3, 3, 3)), None, (1, 3, 8, 8))
     bad = [{"x": np.zeros((1, 5, 8, 8), np.float32)}]  # 5 channels where the conv takes 3
-    with BackgroundReference(model, lambda: iter(bad), ["y"], what="m.onnx") as reference:
+    ready = threading.Event()
+    ready.set()
+    with BackgroundReference(model, lambda: iter(bad), ready, ["y"], what="m.onnx") as reference:
         with pytest.raises(DwdError, match="m.onnx: onnxruntime failed"):
             compare_models(reference, make_session(model), bad, ["y"])
+
+
+def test_a_background_reference_whose_feeds_never_got_ready_leaves_the_run_to_validation(rng):
+    """Feeds not cached by validation time: the thread never reads them, and compare_models
+    runs the original itself, with the same result."""
+    from conftest import conv_model
+
+    from onnx_dwd.runtimes import make_session
+    from onnx_dwd.validate import BackgroundReference, compare_models
+    model = conv_model(rng.standard_normal((4, 3, 3, 3)), None, (1, 3, 8, 8))
+    other = conv_model(rng.standard_normal((4, 3, 3, 3)), None, (1, 3, 8, 8))
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    read = []
+
+    def tracked():
+        read.append(None)
+        return iter(feeds)
+
+    with BackgroundReference(model, tracked, threading.Event(), ["y"]) as reference:
+        got = compare_models(reference, make_session(other), feeds, ["y"])
+    assert read == [] and got == compare_models(make_session(model), make_session(other), feeds, ["y"])
