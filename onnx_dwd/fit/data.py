@@ -184,10 +184,10 @@ class _Sweeps:
 
     Channel j's current weight is P_j D_j (after its first fit; before, the original W_j),
     so what it explains of channel i's target is P_j (D_j C_{j,i}). The rows D_j C_{j,:}
-    are kept (t [d, c_g*K], transposed), and a channel's cross term costs n c_g K k2
+    are kept (t [c_g*K, d]), and a channel's cross term costs n c_g K k2
     instead of n c_g k2^2 with the full weights (9x less at rank 1, 3x3). In the first
     pass the channels not fitted yet still have W_j: their share sum_{j>i} W_j C_{j,i}
-    comes from one product with the block-upper part of C_xx.
+    comes from a few products with the block-upper part of C_xx.
     """
 
     def __init__(self, grp: _Group, k: int):
@@ -196,7 +196,7 @@ class _Sweeps:
         self.p = np.zeros((cg, n, k))
         self.d = np.zeros((cg, k, k2))
         self.p_by_row = np.zeros((n, cg * k))  # [P_0 | P_1 | ...]
-        self.t = np.zeros((cg * k2, cg * k))  # column block j: (D_j C_{j,:})^T
+        self.t = np.zeros((cg * k, cg * k2))  # row block j: D_j C_{j,:} (rows: written whole)
         self.done = 0
 
     def sweep(self) -> None:
@@ -204,18 +204,34 @@ class _Sweeps:
         n, cg, k2 = grp.w.shape
         first = self.done == 0
         if first:
-            later = np.arange(cg * k2)[:, None] // k2 > np.arange(cg * k2)[None, :] // k2
-            unfitted = grp.w.reshape(n, -1) @ np.where(later, grp.cxx, 0.0)  # sum_{j>i} W_j C_{j,i}
+            unfitted = _later_channels_share(grp.w.reshape(n, -1), grp.cxx, k2)
         for i in range(cg):
             blk, cols = grp.block(i), slice(i * k, (i + 1) * k)
             if first:
-                cross = grp.cyx[:, blk] - unfitted[:, blk] - self.p_by_row[:, :i * k] @ self.t[blk, :i * k].T
+                cross = grp.cyx[:, blk] - unfitted[:, blk] - self.p_by_row[:, :i * k] @ self.t[:i * k, blk]
             else:
-                cross = grp.cyx[:, blk] - self.p_by_row @ self.t[blk].T + self.p[i] @ self.t[blk, cols].T
+                cross = grp.cyx[:, blk] - self.p_by_row @ self.t[:, blk] + self.p[i] @ self.t[cols, blk]
             self.p[i], self.d[i] = _whitened_fit(cross, grp.channel_linv[i], k)
             self.p_by_row[:, cols] = self.p[i]
-            self.t[:, cols] = (self.d[i] @ grp.cxx[blk]).T
+            self.t[cols] = self.d[i] @ grp.cxx[blk]
         self.done += 1
+
+
+def _later_channels_share(w: np.ndarray, cxx: np.ndarray, k2: int, parts: int = 8) -> np.ndarray:
+    """[n, d]: column block i holds sum_{j>i} W_j C_{j,i} (channel j: columns j*k2 on).
+
+    The block-upper part of C in a few large products: each part of the columns takes
+    every row block below the part in one product, and the part's own diagonal square
+    masked (half the multiply-adds of W @ C, and no d x d temporary)."""
+    cg = cxx.shape[0] // k2
+    out = np.zeros((w.shape[0], cxx.shape[0]))
+    bounds = np.linspace(0, cg, min(parts, cg) + 1).round().astype(int) * k2
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end < cxx.shape[0]:
+            out[:, start:end] = w[:, end:] @ cxx[end:, start:end]
+        own = np.arange(end - start) // k2
+        out[:, start:end] += w[:, start:end] @ np.where(own[:, None] > own[None, :], cxx[start:end, start:end], 0.0)
+    return out
 
 
 def dwd_comp(weight: np.ndarray, stats: LayerStats, rank: int) -> Decomposition:
@@ -275,8 +291,8 @@ def _pointwise_least_squares(grp: _Group, sweeps: _Sweeps) -> np.ndarray:
     d, k = sweeps.d, sweeps.k
     cg, k2 = d.shape[0], grp.k2
     n = grp.cyx.shape[0]
-    rows = sweeps.t.reshape(cg, k2, cg * k)  # [j, b, (i, K')] = (D_i C_{i, block j})[K', b]
-    czz = np.einsum("jbi,jKb->ijK", rows, d).reshape(cg * k, cg * k)
+    rows = sweeps.t.reshape(cg * k, cg, k2)  # [(i, K'), j, b] = (D_i C_{i, block j})[K', b]
+    czz = np.einsum("ijb,jKb->ijK", rows, d).reshape(cg * k, cg * k)
     cyz = np.einsum("njb,jKb->njK", grp.cyx.reshape(n, cg, k2), d).reshape(n, cg * k)
     linv = inverse_cholesky(czz)
     pw = cyz @ linv.T @ linv
