@@ -69,7 +69,9 @@ def optimize(input_path: os.PathLike, output_path: os.PathLike, config: Optional
         reference = None
         if calib is not None:  # fitting reads the data once per dependency level
             calib = dataclasses.replace(calib, fit=cache.wrap(calib.fit), holdout=cache.wrap(calib.holdout))
-            if calib.holdout.count:  # the original on the held-out data, beside the fit
+            # the original on the held-out data, beside the fit; not beside the budgeted choice's
+            # whole-model timings
+            if calib.holdout.count and not config.selects:
                 reference = stack.enter_context(BackgroundReference(
                     original, calib.holdout.batches, calib.holdout.filled, output_names(original),
                     what=str(input_path)))

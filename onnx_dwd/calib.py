@@ -247,8 +247,9 @@ class Part:
     # feed of one; batches() is expand() over compact(). A cache keeps the smaller form.
     compact: Optional[Callable[[], Iterator[Dict[str, np.ndarray]]]] = None
     expand: Optional[Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]]] = None
-    # a cached part: set once a whole pass has saved every feed (reading it from then on
-    # only reads files, from any thread)
+    # a cached part: set once a pass driven to its end has saved every feed (reading it
+    # from then on only reads files, from any thread); a pass stopped at the last feed
+    # without asking for the next does not count
     filled: Optional[threading.Event] = None
 
 

@@ -219,8 +219,10 @@ class Lineage:
             if feeds is not None:
                 feed = next(feeds, None)
                 if feed is None:
-                    raise RuntimeError("internal: the feeds gave fewer batches than the lineage's first step")
+                    raise RuntimeError(f"internal: {self.what}: the feeds gave fewer batches than the "
+                                       f"lineage's first step ({len(self.kept)})")
                 values.update((n, feed[n]) for n in from_feeds)
             yield values
         if feeds is not None and next(feeds, None) is not None:
-            raise RuntimeError("internal: the feeds gave more batches than the lineage's first step")
+            raise RuntimeError(f"internal: {self.what}: the feeds gave more batches than the "
+                               f"lineage's first step ({len(self.kept)})")

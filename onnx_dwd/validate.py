@@ -7,7 +7,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -96,25 +96,30 @@ class Comparison:
 def compare_models(reference, candidate, feeds: Iterable[Dict[str, np.ndarray]], names: Sequence[str],
                    labels: Optional[np.ndarray] = None, what: Tuple[str, str] = ("model", "model")) -> Dict:
     """Run two onnxruntime sessions on every feed and compare their outputs (Comparison.result).
-    reference: a session, or a BackgroundReference that ran it on the same feeds already."""
+    reference: a session, or a BackgroundReference: the feeds it ran already are read back,
+    the rest run here."""
     comparison = Comparison(names, labels)
-    recorded = None
+    recorded: List[List[RawArray]] = []
+    model = None
     if isinstance(reference, BackgroundReference):
-        recorded = reference.outputs()
-        if recorded is None:  # it never started: run the original here
-            reference = make_session(reference.model, what=what[0])
-    for feed in feeds:
-        if recorded is not None:
-            ref = next(recorded, None)
-            if ref is None:
-                raise RuntimeError("internal: the background reference ran fewer feeds than the validation")
+        recorded, model, reference = reference.recorded(), reference.model, None
+    count = 0
+    for count, feed in enumerate(feeds, 1):
+        if count <= len(recorded):
+            ref = [f.load() for f in recorded[count - 1]]
         else:
+            if reference is None:
+                reference = make_session(model, what=what[0])
             (ref,) = run_batches(reference, [feed], names, what=what[0])
         (cand,) = run_batches(candidate, [feed], names, what=what[1])
         comparison.add(ref, cand)
-    if recorded is not None and next(recorded, None) is not None:
-        raise RuntimeError("internal: the background reference ran more feeds than the validation")
+    if count < len(recorded):
+        raise RuntimeError(f"internal: the background reference ran {len(recorded)} feeds, validation has {count}")
     return comparison.result()
+
+
+#: Bytes of outputs a BackgroundReference keeps on disk; validation runs the original on the rest.
+MAX_RECORDED_BYTES = 2**30
 
 
 class BackgroundReference:
@@ -125,12 +130,16 @@ class BackgroundReference:
     thread at the lowest CPU priority (Linux: a thread's own nice value) runs
     the model on one onnxruntime thread and keeps each output in a raw file.
     It takes the cores where the calibrated fit leaves them idle (its level
-    passes use about 1.5 of 2); validation then runs only the optimized model
-    (YOLOv8n, 204 held-out images: about 2 s of a 1024-image run). If the
-    feeds were not ready by validation, it never starts and validation runs
-    the original itself. One onnxruntime thread's outputs can differ from a
-    two-thread run in float rounding (YOLOv8n: output rel_error 0.0697004142
-    against 0.0697004049).
+    passes use about 1.5 of 2); validation then runs the original only on
+    the feeds the thread did not reach (YOLOv8n, 204 held-out images: about
+    2 s of a 1024-image run). The thread stops at validation (after its
+    current feed), at MAX_RECORDED_BYTES, and at any error: validation runs
+    the rest itself, and meets a real error there. Not for runs that time
+    models while it may run (the budgeted choice). Its Python-level work holds
+    the GIL at nice 19, which could stall the fit briefly on a busy machine;
+    measured, the run is faster (RESULTS §5, run 9). One onnxruntime thread's
+    outputs can differ from a two-thread run in float rounding (YOLOv8n:
+    output rel_error 0.0697004142 against 0.0697004049).
     """
 
     def __init__(self, model: onnx.ModelProto, feeds: Callable[[], Iterable[Dict[str, np.ndarray]]],
@@ -139,23 +148,17 @@ class BackgroundReference:
         self.names = list(names)
         self.what = what
         self._dir = tempfile.TemporaryDirectory(prefix="onnx-dwd-validation-")
-        self._saved: List[List[RawArray]] = []
-        self._error: Optional[BaseException] = None
-        self._started = False
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._saved: List[List[RawArray]] = []  # a feed's files join once all are written
+        self._bytes = 0
+        self._hurry = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(feeds, ready), name="onnx-dwd-reference",
                                         daemon=True)
         self._thread.start()
 
     def _run(self, feeds, ready: threading.Event) -> None:
         while not ready.wait(0.1):
-            if self._stop.is_set():
+            if self._hurry.is_set():
                 return
-        with self._lock:  # outputs() either sees it started or stops it before it starts
-            if self._stop.is_set():
-                return
-            self._started = True
         try:
             try:  # best effort: where threads have no nice value of their own this runs at normal priority
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
@@ -164,35 +167,25 @@ class BackgroundReference:
             session = make_session(self.model, threads=1, what=self.what)
             root = Path(self._dir.name)
             for index, feed in enumerate(feeds()):
-                if self._stop.is_set():
+                if self._hurry.is_set() or self._bytes >= MAX_RECORDED_BYTES:
                     return
                 (outs,) = run_batches(session, [feed], self.names, what=self.what)
                 files = [RawArray.of(o, root / f"{index:07d}-{k:03d}.bin") for k, o in enumerate(outs)]
                 for f, o in zip(files, outs):
                     f.write(o)
                 self._saved.append(files)
-        except BaseException as exc:  # raised in the caller's thread by outputs()
-            self._error = exc
+                self._bytes += sum(o.nbytes for o in outs)
+        except Exception:  # noqa: BLE001 - validation runs the feeds not recorded, and meets any real error
+            return
 
-    def outputs(self) -> Optional[Iterator[List[np.ndarray]]]:
-        """Each feed's outputs (in names order) once the thread has finished; None if the
-        feeds were not ready yet (the thread then stops without running)."""
-        with self._lock:
-            if not self._started:
-                self._stop.set()  # still waiting for the feeds: give up
+    def recorded(self) -> List[List[RawArray]]:
+        """Stop the thread (after its current feed); the files of the feeds it ran, in order."""
+        self._hurry.set()
         self._thread.join()
-        if not self._started:
-            return None
-        if self._error is not None:
-            raise self._error
-        return (self._load(files) for files in self._saved)
-
-    @staticmethod
-    def _load(files: List[RawArray]) -> List[np.ndarray]:
-        return [f.load() for f in files]
+        return list(self._saved)
 
     def close(self) -> None:
-        self._stop.set()
+        self._hurry.set()
         self._thread.join()
         self._dir.cleanup()
 

@@ -39,55 +39,80 @@ def test_identical_outputs_and_no_classifier():
     assert math.isinf(out["outputs"]["y"]["sqnr_db"]) and "top1_agreement" not in out
 
 
+def _models_and_feeds(rng, count):
+    from conftest import conv_model
+    model = conv_model(rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4), (1, 3, 8, 8))
+    other = conv_model(rng.standard_normal((4, 3, 3, 3)), None, (1, 3, 8, 8))
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(count)]
+    return model, other, feeds
+
+
+def _ready():
+    ready = threading.Event()
+    ready.set()
+    return ready
+
+
 def test_a_background_reference_gives_what_the_session_gives(rng):
     """The original's outputs computed beside the fit, on one thread at low priority, make the
-    same comparison as running it during validation; a feed-count mismatch is an error."""
-    from conftest import conv_model
+    same comparison as running it during validation; fewer validation feeds than it ran is an error."""
+    import time
 
     from onnx_dwd.runtimes import make_session
     from onnx_dwd.validate import BackgroundReference, compare_models
-    model = conv_model(rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4), (1, 3, 8, 8))
-    other = conv_model(rng.standard_normal((4, 3, 3, 3)), None, (1, 3, 8, 8))
-    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(5)]
-    names = [o.name for o in model.graph.output]
-    want = compare_models(make_session(model), make_session(other), feeds, names)
-    ready = threading.Event()
-    ready.set()
-    with BackgroundReference(model, lambda: iter(feeds), ready, names) as reference:
-        assert compare_models(reference, make_session(other), feeds, names) == want
-        recorded = [outs for outs in reference.outputs()]
-        assert len(recorded) == 5 and all(np.array_equal(outs[0], run_out)
-                                           for outs, (run_out,) in zip(recorded, (make_session(model).run(names, f)
-                                                                                  for f in feeds)))
-        with pytest.raises(RuntimeError, match="fewer feeds"):
-            compare_models(reference, make_session(other), feeds + feeds[:1], names)
+    model, other, feeds = _models_and_feeds(rng, 5)
+    want = compare_models(make_session(model), make_session(other), feeds, ["y"])
+    with BackgroundReference(model, lambda: iter(feeds), _ready(), ["y"]) as reference:
+        while len(reference._saved) < 5:  # let it finish: every feed read back
+            time.sleep(0.01)
+        recorded = reference.recorded()
+        assert len(recorded) == 5
+        assert all(np.array_equal(files[0].load(), make_session(model).run(["y"], f)[0])
+                   for files, f in zip(recorded, feeds))
+        assert compare_models(reference, make_session(other), feeds, ["y"]) == want
+        with pytest.raises(RuntimeError, match="ran 5 feeds, validation has 4"):
+            compare_models(reference, make_session(other), feeds[:4], ["y"])
 
 
-def test_a_background_reference_raises_its_error_at_validation(rng):
-    from conftest import conv_model
+def test_validation_runs_what_the_background_reference_did_not_reach(rng):
+    """Validation stops the thread after its current feed and runs the rest itself."""
+    import time
 
+    from onnx_dwd.runtimes import make_session
+    from onnx_dwd.validate import BackgroundReference, compare_models
+    model, other, feeds = _models_and_feeds(rng, 20)
+
+    def slow():
+        for f in feeds:
+            time.sleep(0.02)
+            yield f
+
+    with BackgroundReference(model, slow, _ready(), ["y"]) as reference:
+        deadline = time.monotonic() + 10
+        while not reference._saved and time.monotonic() < deadline:  # it has run one feed at least
+            time.sleep(0.005)
+        got = compare_models(reference, make_session(other), feeds, ["y"])
+        assert 0 < len(reference.recorded()) < 20
+    assert got == compare_models(make_session(model), make_session(other), feeds, ["y"])
+
+
+def test_a_failing_background_reference_leaves_the_error_to_validation(rng):
     from onnx_dwd.errors import DwdError
     from onnx_dwd.runtimes import make_session
     from onnx_dwd.validate import BackgroundReference, compare_models
-    model = conv_model(rng.standard_normal((4, 3, 3, 3)), None, (1, 3, 8, 8))
+    model, _, _ = _models_and_feeds(rng, 0)
     bad = [{"x": np.zeros((1, 5, 8, 8), np.float32)}]  # 5 channels where the conv takes 3
-    ready = threading.Event()
-    ready.set()
-    with BackgroundReference(model, lambda: iter(bad), ready, ["y"], what="m.onnx") as reference:
+    with BackgroundReference(model, lambda: iter(bad), _ready(), ["y"], what="m.onnx") as reference:
         with pytest.raises(DwdError, match="m.onnx: onnxruntime failed"):
-            compare_models(reference, make_session(model), bad, ["y"])
+            compare_models(reference, make_session(model), bad, ["y"], what=("m.onnx", "out"))
 
 
 def test_a_background_reference_whose_feeds_never_got_ready_leaves_the_run_to_validation(rng):
     """Feeds not cached by validation time: the thread never reads them, and compare_models
     runs the original itself, with the same result."""
-    from conftest import conv_model
-
     from onnx_dwd.runtimes import make_session
     from onnx_dwd.validate import BackgroundReference, compare_models
-    model = conv_model(rng.standard_normal((4, 3, 3, 3)), None, (1, 3, 8, 8))
-    other = conv_model(rng.standard_normal((4, 3, 3, 3)), None, (1, 3, 8, 8))
-    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    model, other, feeds = _models_and_feeds(rng, 3)
     read = []
 
     def tracked():

@@ -73,12 +73,14 @@ def inverse_cholesky(cov: np.ndarray) -> np.ndarray:
     return out.reshape(cov.shape)
 
 
-def _whitened_fit(cross: np.ndarray, linv: np.ndarray, rank: int) -> Tuple[np.ndarray, np.ndarray]:
-    """reduced_rank_fit with the covariance given as L^-1."""
+def _whitened_fit(cross: np.ndarray, linv: np.ndarray, rank: int, gram: bool = False
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+    """reduced_rank_fit with the covariance given as L^-1. gram: take the top-K right singular
+    vectors from the q x q Gram matrix (for a sweep's channel, q = kh*kw small next to n:
+    half an SVD's time; it squares the condition number, so not for the wide problems)."""
     a = cross @ linv.T  # B L^-T
-    if a.shape[1] <= a.shape[0]:
-        # the top-K right singular vectors from the q x q Gram matrix: a channel's fit in a
-        # sweep (q = kh*kw) costs half an SVD, and P = A V_K = U_K S_K needs no division
+    if gram and a.shape[1] <= a.shape[0]:
+        # P = A V_K = U_K S_K needs no division
         _, vecs = np.linalg.eigh(a.T @ a)
         v = vecs[:, ::-1][:, :rank]
         p, vt = svd_flip(a @ v, v.T)
@@ -187,7 +189,7 @@ class _Sweeps:
     are kept (t [c_g*K, d]), and a channel's cross term costs n c_g K k2
     instead of n c_g k2^2 with the full weights (9x less at rank 1, 3x3). In the first
     pass the channels not fitted yet still have W_j: their share sum_{j>i} W_j C_{j,i}
-    comes from a few products with the block-upper part of C_xx.
+    comes from a few products with the strictly block-lower part of C_xx (rows j > i).
     """
 
     def __init__(self, grp: _Group, k: int):
@@ -211,7 +213,7 @@ class _Sweeps:
                 cross = grp.cyx[:, blk] - unfitted[:, blk] - self.p_by_row[:, :i * k] @ self.t[:i * k, blk]
             else:
                 cross = grp.cyx[:, blk] - self.p_by_row @ self.t[:, blk] + self.p[i] @ self.t[cols, blk]
-            self.p[i], self.d[i] = _whitened_fit(cross, grp.channel_linv[i], k)
+            self.p[i], self.d[i] = _whitened_fit(cross, grp.channel_linv[i], k, gram=True)
             self.p_by_row[:, cols] = self.p[i]
             self.t[cols] = self.d[i] @ grp.cxx[blk]
         self.done += 1
@@ -220,9 +222,9 @@ class _Sweeps:
 def _later_channels_share(w: np.ndarray, cxx: np.ndarray, k2: int, parts: int = 8) -> np.ndarray:
     """[n, d]: column block i holds sum_{j>i} W_j C_{j,i} (channel j: columns j*k2 on).
 
-    The block-upper part of C in a few large products: each part of the columns takes
-    every row block below the part in one product, and the part's own diagonal square
-    masked (half the multiply-adds of W @ C, and no d x d temporary)."""
+    The strictly block-lower part of C (rows j > i) in a few large products: each part of
+    the columns takes every row block below the part in one product, and the part's own
+    diagonal square masked (half the multiply-adds of W @ C, and no d x d temporary)."""
     cg = cxx.shape[0] // k2
     out = np.zeros((w.shape[0], cxx.shape[0]))
     bounds = np.linspace(0, cg, min(parts, cg) + 1).round().astype(int) * k2
