@@ -195,9 +195,9 @@ class _Sweeps:
     def __init__(self, grp: _Group, k: int):
         self.grp, self.k = grp, k
         n, cg, k2 = grp.w.shape
-        self.p = np.zeros((cg, n, k))
-        self.d = np.zeros((cg, k, k2))
         self.p_by_row = np.zeros((n, cg * k))  # [P_0 | P_1 | ...]
+        self.p = self.p_by_row.reshape(n, cg, k).transpose(1, 0, 2)  # [c_g, n, K], a view of p_by_row
+        self.d = np.zeros((cg, k, k2))
         self.t = np.zeros((cg * k, cg * k2))  # row block j: D_j C_{j,:} (rows: written whole)
         self.done = 0
 
@@ -214,7 +214,6 @@ class _Sweeps:
             else:
                 cross = grp.cyx[:, blk] - self.p_by_row @ self.t[:, blk] + self.p[i] @ self.t[cols, blk]
             self.p[i], self.d[i] = _whitened_fit(cross, grp.channel_linv[i], k, gram=True)
-            self.p_by_row[:, cols] = self.p[i]
             self.t[cols] = self.d[i] @ grp.cxx[blk]
         self.done += 1
 
@@ -278,19 +277,19 @@ def _refit_variants(weight: np.ndarray, stats: LayerStats, k: int, variants) -> 
                 sweeps.sweep()
             for v in variants:
                 if v[0] == stop:
-                    p = _pointwise_least_squares(grp, sweeps) if v[1] else sweeps.p.copy()
+                    p = _pointwise_least_squares(sweeps) if v[1] else sweeps.p.copy()
                     per_variant[v].append((p, sweeps.d.copy()))
     return [_finish(weight, per_variant[v], groups) for v in variants]
 
 
-def _pointwise_least_squares(grp: _Group, sweeps: _Sweeps) -> np.ndarray:
+def _pointwise_least_squares(sweeps: _Sweeps) -> np.ndarray:
     """P [c_g, n_g, K] = C_yz C_zz^-1 for z = D x, D block-diagonal [c_g*K, c_g*k2].
 
     Both moments from the blocks (a dense D would cost c_g times more):
     C_zz[i, j] = D_i C_{i,j} D_j^T = (D_i C_{i,:}) restricted to block j, times D_j^T, with
     the sweeps' D_i C_{i,:}; C_yz[:, j] = C_yx[:, block j] D_j^T.
     """
-    d, k = sweeps.d, sweeps.k
+    grp, d, k = sweeps.grp, sweeps.d, sweeps.k
     cg, k2 = d.shape[0], grp.k2
     n = grp.cyx.shape[0]
     rows = sweeps.t.reshape(cg * k, cg, k2)  # [(i, K'), j, b] = (D_i C_{i, block j})[K', b]
