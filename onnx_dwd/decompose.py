@@ -113,9 +113,13 @@ PASS_THREADS = max(1, (os.cpu_count() or 2) // 2)
 def _fit_levels(graph, original, prepared, levels, entries, plan, method, config, names, calibration, workdir,
                 inter_layer, what, progress, reference=None) -> None:
     """Capture and fit level by level. With inter_layer, each level's inputs come from the
-    model whose lower levels are already replaced (a Lineage: every node run once over each
-    part of the data) and its outputs from one pass of the original (ReferenceOutputs:
-    recorded here, or given by the caller to share between models, covering every level)."""
+    model whose lower levels are already replaced (a Lineage: every node run once over the
+    fit data) and its outputs from one pass of the original (ReferenceOutputs: recorded
+    here, or given by the caller to share between models, covering every level). The
+    held-out errors of every level are measured after the last one, in one pass of the
+    finished model: a layer's input there is what it was when its level was fitted (only
+    candidates upstream of it were replaced since), and one pass costs one session, not
+    one per level (29 on YOLOv8n, each waited for while the statistics had nothing to do)."""
     needs_fit_data = method not in DATA_FREE_METHODS
     parts = calibration_parts(calibration, needs_fit_data)
     current = {p: Lineage(part.batches, workdir, f"current-{p}", what, PASS_THREADS) for p, part in parts.items()}
@@ -126,11 +130,14 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
     if inter_layer and not shared:
         reference = _record_reference(prepared, [l for group in levels for l in group], parts, config,
                                       calibration.fit.count, workdir, what, progress)
+    errors: Dict[str, ResidualSums] = {}
+    fitted: List[CaptureSpec] = []  # made before each level's convs are replaced
     for index, group in enumerate(levels):
         graph.cleanup().toposort()
         last = index == len(levels) - 1
         model = export_graph(graph, original) if index > 0 else prepared
         specs = [CaptureSpec.of(l) for l in group]
+        fitted.extend(specs)
         capture = configured_capture(specs, config, calibration.fit.count, config.seed + index)
         stage = f"level {index + 1}/{len(levels)}" if inter_layer else "capture"
 
@@ -158,18 +165,29 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
             each_batch("fit", f"{stage}: fit data, {len(group)} layers",
                        lambda xs, ys: capture.add_sampled(xs, ys, stats, val_stats))
             capture.flush()
-        errors = {}
         for layer in progress(group, f"{stage}: fitting ({method})", len(group)):
             weight, bias = _fit_and_replace(graph, layer, entries[layer.name], method, *plan[layer.name], config,
                                             names, stats[layer.name] if stats is not None else None,
                                             val_stats[layer.name] if val_stats else None)
             errors[layer.name] = ResidualSums(weight, bias, layer.group)
         # the fitted weights' own errors: cheaper than held-out statistics (n d per position, not d^2)
-        if "held-out" in parts:
+        if "held-out" in parts and not inter_layer:
             each_batch("held-out", f"{stage}: held-out data", lambda xs, ys: capture.add_residuals(xs, ys, errors))
-        for name, sums in errors.items():
-            if sums.count:
-                entries[name]["rel_error"] = sums.relative_error()
+    if "held-out" in parts and inter_layer:
+        graph.cleanup().toposort()
+        inputs = in_background(current["held-out"].step(export_graph(graph, original), input_names(fitted),
+                                                        keep=False))
+        batches = _paired(reference["held-out"].replay([s.name for s in fitted], delete=not shared), inputs)
+        capture = Capture(fitted)  # positions come from the recording
+        try:
+            for xs, ys in progress(batches, "held-out data: errors per layer", None):
+                capture.add_residuals(xs, ys, errors)
+        finally:
+            inputs.close()
+            batches.close()
+    for name, sums in errors.items():
+        if sums.count:
+            entries[name]["rel_error"] = sums.relative_error()
 
 
 def calibration_parts(calibration: Calibration, needs_fit_data: bool) -> Dict[str, object]:

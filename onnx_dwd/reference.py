@@ -88,19 +88,22 @@ class ReferenceOutputs:
     def replay(self, names: Sequence[str], delete: bool = True) -> Iterator[Dict[str, Sampled]]:
         """Yield the named layers' sampled outputs batch by batch, in recorded order. With
         delete, each file goes once read to the end (a layer fitted once); without, the
-        store can be replayed again."""
-        with contextlib.ExitStack() as stack:
-            files = {name: stack.enter_context(open(self.paths[name], "rb")) for name in names}
-            for index in range(self.batches):
-                batch = {}
-                for name, file in files.items():
-                    e = self.layout[name][index]
+        store can be replayed again. Files are opened a batch at a time, as they are written:
+        the held-out errors replay every layer at once."""
+        offsets = {name: 0 for name in names}
+        for index in range(self.batches):
+            batch = {}
+            for name in names:
+                e = self.layout[name][index]
+                with open(self.paths[name], "rb") as file:
+                    file.seek(offsets[name])
                     y = np.fromfile(file, e.y_dtype, int(np.prod(e.y_shape))).reshape(e.y_shape)
                     positions = None
                     if e.sampled:
                         positions = np.fromfile(file, _POSITION_DTYPE, y.shape[0] * y.shape[1]).reshape(y.shape[:2])
-                    batch[name] = Sampled(y, positions)
-                yield batch
+                    offsets[name] = file.tell()
+                batch[name] = Sampled(y, positions)
+            yield batch
         if delete:
             for name in names:
                 self.paths[name].unlink()

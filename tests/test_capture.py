@@ -418,6 +418,25 @@ def test_full_rank_refit_on_sampled_positions_still_reproduces_the_original(e2e,
     assert all(l["rel_error"] < 1e-3 for l in report["layers"])
 
 
+def test_per_layer_held_out_errors_are_what_the_written_model_computes_there(e2e, reports):
+    """With inter-layer fitting every level's held-out error is measured in one pass of the
+    finished model: each layer's error is its replacement's output there (the pointwise conv
+    writes the conv's own output tensor) against the original's, over every held-out position."""
+    folder, feeds = e2e
+    config = OptimizeConfig(method="refit", rank=1, position_budget=0, measure_latency=False)
+    report = optimize(folder / "m.onnx", folder / "every_position.onnx", config, calibration=feeds)
+    held = [f for i, f in enumerate(feeds) if i % 5 == 4]
+    names = ["c0", "c1"]  # conv2's output is y itself
+    want = [intermediates(onnx.load(folder / "m.onnx"), f, names) for f in held]
+    got = [intermediates(onnx.load(folder / "every_position.onnx"), f, names) for f in held]
+    for layer, name in zip(report["layers"], names + ["y"]):
+        a = np.concatenate([w[name] for w in want])
+        b = np.concatenate([g[name] for g in got])
+        assert layer["rel_error"] == pytest.approx(rel_error(a, b), rel=1e-4), layer["name"]
+    # the earlier levels' errors are not all alike: each layer was measured, not one copied
+    assert len({round(l["rel_error"], 6) for l in report["layers"]}) == 3
+
+
 @pytest.mark.parametrize("inter_layer", [True, False])
 def test_nothing_held_out_fits_every_level_without_per_layer_errors(e2e, inter_layer):
     """--holdout 0: the held-out part is empty, so its passes learn no tensor types; the
