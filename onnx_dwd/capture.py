@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .fit.stats import BUFFER_BYTES, LayerStats, ResidualSums, StatsBuffer, conv_pads, im2col, sampled_patches
+from .fit.stats import BUFFER_BYTES, CHUNK_ROWS, LayerStats, ResidualSums, StatsBuffer, add_shifted, conv_pads, im2col, \
+    sampled_patches, shift_structured
 from .runtimes import make_session, run_batches
 from .segments import Feeds, Lineage
 from .select import ConvLayer
@@ -73,9 +74,12 @@ class CaptureSpec:
         return (self.input_name, self.kernel, self.strides, self.dilations, self.pads, self.auto_pad, self.group,
                 self.in_channels)
 
+    def explicit_pads(self, in_hw) -> Tuple[int, int, int, int]:
+        return conv_pads(in_hw, self.kernel, self.strides, self.dilations, self.pads, self.auto_pad)
+
     def patches(self, x: np.ndarray, positions: Optional[np.ndarray] = None) -> np.ndarray:
         """x [B, c, H, W] -> patches [B, H'*W', c*kh*kw], or [B, P, ...] at positions [B, P] only."""
-        pads = conv_pads(x.shape[2:], self.kernel, self.strides, self.dilations, self.pads, self.auto_pad)
+        pads = self.explicit_pads(x.shape[2:])
         if positions is not None:
             return sampled_patches(x, positions, self.kernel, self.strides, self.dilations, pads)
         p = im2col(x, self.kernel, self.strides, self.dilations, pads)
@@ -248,12 +252,16 @@ class Capture:
         for target, rows in routes:
             def add(group, patches, outputs, target=target):
                 self._buffer([target[spec.name] for spec in group]).add(patches, *outputs)
+
+            def add_maps(group, x, outputs, target=target):
+                spec = group[0]
+                add_shifted([target[s.name] for s in group], x, outputs, spec.kernel, spec.explicit_pads(x.shape[2:]))
             if len(rows) == batch:  # one route takes everything: no copies
-                self._accumulate(inputs, sampled, add)
+                self._accumulate(inputs, sampled, add, add_maps)
             elif len(rows):
                 self._accumulate({k: v[rows] for k, v in inputs.items()},
                                  {k: Sampled(s.y[rows], None if s.positions is None else s.positions[rows])
-                                  for k, s in sampled.items()}, add)
+                                  for k, s in sampled.items()}, add, add_maps)
 
     def add_residuals(self, inputs: Dict[str, np.ndarray], sampled: Dict[str, Sampled],
                       sums: Dict[str, ResidualSums]) -> None:
@@ -279,9 +287,11 @@ class Capture:
                 groups.append([spec])
         return groups
 
-    def _accumulate(self, inputs, sampled, add) -> None:
+    def _accumulate(self, inputs, sampled, add, add_maps=None) -> None:
         """Each group of specs' patches (formed once) and outputs, a bounded number of images at
-        a time, to add(group, patches [P, d], [outputs [P, n] per spec])."""
+        a time, to add(group, patches [P, d], [outputs [P, n] per spec]). With add_maps, a
+        group whose statistics shifted products compute (shift_structured, every position)
+        goes there instead as add_maps(group, x [B, c, H, W], [outputs [B, H'*W', n] per spec])."""
         for group in self._sharing(sampled):
             spec = group[0]
             x = inputs[spec.input_name]
@@ -290,6 +300,13 @@ class Capture:
             for s, y in zip(group, ys):
                 if len(x) != len(y):
                     raise RuntimeError(f"internal: {s.name}: {len(x)} inputs but {len(y)} outputs in a batch")
+            if add_maps is not None and positions is None and shift_structured(
+                    spec.kernel, spec.strides, spec.dilations, spec.group, ys[0].shape[1]):
+                # images per call: about CHUNK_ROWS grid rows per partial sum, as add_shared's chunks
+                step = max(1, CHUNK_ROWS // (x.shape[2] * x.shape[3]))
+                for b in range(0, x.shape[0], step):
+                    add_maps(group, x[b:b + step], [y[b:b + step] for y in ys])
+                continue
             d = x.shape[1] * spec.kernel[0] * spec.kernel[1]
             # images per im2col, bounding memory; the sampled patches are gathered directly
             step = max(1, IM2COL_BUDGET // max(ys[0].shape[1] * d, 1))

@@ -103,8 +103,15 @@ def input_feeds(rng, count, shape=(2, 3, 7, 7)):
 
 # --- Capture -------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("shifted", [False, True])
 @pytest.mark.parametrize("group2", [1, 2])
-def test_capture_without_current_matches_numpy(rng, group2):
+def test_capture_without_current_matches_numpy(rng, group2, shifted, monkeypatch):
+    """shifted: conv1 (stride 1, every position) takes its statistics from shifted products."""
+    import onnx_dwd.capture as capture_module
+    import onnx_dwd.fit.stats as stats_module
+    monkeypatch.setattr(stats_module, "SHIFT_MIN_POSITIONS", 49 if shifted else 50)
+    calls = []
+    monkeypatch.setattr(capture_module, "add_shifted", lambda *a: calls.append(1) or stats_module.add_shifted(*a))
     w1, b1, w2, b2 = weights(rng, group2)
     model = two_conv_model(w1, b1, w2, b2, group2)
     specs = specs_of(model)
@@ -118,6 +125,7 @@ def test_capture_without_current_matches_numpy(rng, group2):
     assert_stats_equal(stats["conv1"], direct_stats(x, c1, CONV1_GEOMETRY))
     assert_stats_equal(stats["conv2"], direct_stats(r1, y, CONV2_GEOMETRY, group2))
     assert stats["conv1"].count == 6 * 7 * 7 and stats["conv2"].count == 6 * 3 * 2
+    assert bool(calls) == shifted
     assert stats["conv2"].sxx.shape == (group2, 36 // group2, 36 // group2)
     # the original conv explains its own output exactly (up to the float32 sums: sqrt of ~1e-8)
     assert relative_error(stats["conv1"], w1, b1) < 1e-3

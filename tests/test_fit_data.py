@@ -223,6 +223,33 @@ def test_refit_variants_from_one_run_of_sweeps_equal_each_fitted_alone(rng, grou
     assert errors[0] > errors[1] > errors[2]  # more sweeps, then least squares: each fits better
 
 
+@pytest.mark.parametrize("kernel, pads", [((3, 3), (1, 1, 1, 1)), ((3, 3), (0, 0, 0, 0)), ((3, 2), (2, 0, 1, 1)),
+                                          ((5, 5), (2, 2, 2, 2)), ((3, 3), (0, 2, 1, 0)), ((3, 3), (3, 3, 3, 3)),
+                                          ((1, 3), (0, 1, 0, 1)), ((5, 3), (4, 0, 0, 2))])
+def test_shifted_statistics_equal_im2col_ones(rng, kernel, pads):
+    """Every sum of add_shifted (correlations less the borders) is add_shared's on im2col, for
+    asymmetric, missing and oversized pads, with two layers sharing the patches (one given
+    as the transposed view a capture passes)."""
+    from onnx_dwd.fit.stats import add_shared, add_shifted
+    x = rng.standard_normal((3, 4, 7, 6))
+    ho, wo = 7 + pads[0] + pads[2] - kernel[0] + 1, 6 + pads[1] + pads[3] - kernel[1] + 1
+    ys = [rng.standard_normal((3, 5, ho * wo)).transpose(0, 2, 1), rng.standard_normal((3, ho * wo, 2))]
+    d = 4 * kernel[0] * kernel[1]
+    shifted, direct = [LayerStats.zeros(5, d), LayerStats.zeros(2, d)], [LayerStats.zeros(5, d), LayerStats.zeros(2, d)]
+    add_shifted(shifted, x, ys, kernel, pads)
+    add_shared(direct, im2col(x, kernel, (1, 1), (1, 1), pads).reshape(-1, d), [y.reshape(-1, y.shape[2]) for y in ys])
+    for got, want in zip(shifted, direct):
+        assert got.count == want.count == 3 * ho * wo
+        for field in ("sxx", "syx", "sx", "sy", "syy"):
+            np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-12, atol=1e-10, err_msg=field)
+    # float32 maps, as onnxruntime gives: the products in float32, summed into float64
+    x32, ys32 = x.astype(np.float32), [y.astype(np.float32) for y in ys]
+    single = [LayerStats.zeros(5, d), LayerStats.zeros(2, d)]
+    add_shifted(single, x32, ys32, kernel, pads)
+    for got, want in zip(single, direct):
+        np.testing.assert_allclose(got.sxx, want.sxx, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("args", [((3, 2), (2, 1), (1, 2), (1, 0, 2, 1)), ((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
                                   ((5, 5), (2, 2), (1, 1), (2, 2, 2, 2)), ((3, 3), (1, 1), (2, 2), (2, 2, 2, 2)),
                                   ((1, 3), (1, 2), (1, 1), (0, 3, 0, 0)), ((2, 2), (2, 2), (1, 1), (0, 0, 0, 0))])
