@@ -333,6 +333,36 @@ def three_conv_model(rng):
     return make_model(nodes, inits, (1, 4, 8, 8))
 
 
+@pytest.mark.parametrize("rank, form", [(1, "multiplier"), (2, "sum"), (2, "split")])
+def test_a_model_patched_with_the_replacements_runs_as_the_exported_graph(rng, rank, form):
+    """The levels' models are the previous one with the replaced convs' nodes swapped: the
+    same nodes and initializer values as exporting the whole graph, in an order onnx.checker
+    accepts, computing the same outputs."""
+    from onnx_dwd.decompose import prepare, with_replacements
+    from onnx_dwd.fit import network_decoupling
+    from onnx_dwd.modelio import export_graph
+    from onnx_dwd.rewrite import replace_conv
+    original = three_conv_model(rng)
+    prep = prepare(original, "nd", "m")
+    model = prep.model
+    for layer in prep.candidates[:2]:  # two levels, one conv each
+        start, output = len(prep.graph.nodes), layer.output_name
+        replace_conv(prep.graph, layer, network_decoupling(layer.weight, rank), form)
+        model = with_replacements(model, {output: prep.graph.nodes[start:]})
+    prep.graph.cleanup().toposort()
+    exported = export_graph(prep.graph, original)
+
+    def described(m):
+        values = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+        return sorted((n.op_type, tuple(n.input), tuple(n.output), n.attribute.__repr__(),
+                       tuple(values[i].tobytes() for i in n.input if i in values)) for n in m.graph.node)
+    assert described(model) == described(exported)
+    assert len(model.graph.node) == len(exported.graph.node) > len(original.graph.node)
+    onnx.checker.check_model(model)
+    x = {"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)}
+    np.testing.assert_array_equal(run(model, x)[0], run(exported, x)[0])
+
+
 MIX = np.random.default_rng(42).standard_normal((4, 2))
 
 
