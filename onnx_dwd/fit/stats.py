@@ -207,8 +207,9 @@ def add_shared(stats: Sequence[LayerStats], patches: np.ndarray, outputs: Sequen
 
 #: Output maps of at least this many positions per image get their statistics from shifted
 #: products (add_shifted) when every position is used: from 20x20 on YOLOv8n's 3x3 layers
-#: they cost half of im2col's and need no patch copy; on a 10x10 map the borders'
-#: corrections ate the gain (c = 256: 83 ms against 67 ms for 8 images).
+#: they cost half of im2col's and need no patch copy. On its 10x10 maps the buffered im2col
+#: products (thousands of rows each) did better: the 64-image rank-1 fit's statistics took
+#: 3.0 s with this bound, 3.6 s with 64 (10x10 included) and 3.7-4.0 s without shifts.
 SHIFT_MIN_POSITIONS = 256
 
 
@@ -289,7 +290,7 @@ def add_shifted(stats: Sequence[LayerStats], x: np.ndarray, outputs: Sequence[np
         a = grid[:, r0:r1, c0:c1].reshape(-1, c)
         return a.T @ grid[:, r0 + dy:r1 + dy, c0 + dx:c1 + dx].reshape(-1, c)
 
-    targets = [st.sxx[0].reshape(c, k, c, k) for st in stats]  # [c, k, c, k]: channel-major like W[o]
+    blocks = np.empty((k, k, c, c), x.dtype)  # block (p, q) contiguous, added into the sums in one pass
     for i, (py, px) in enumerate(offsets):
         # the map's rows and columns (grid coordinates) that offset p does not read
         rows = [(a, z) for a, z in ((t, min(py, t + h)), (max(py + ho, t), t + h)) if z > a]
@@ -299,21 +300,24 @@ def add_shifted(stats: Sequence[LayerStats], x: np.ndarray, outputs: Sequence[np
             + [(True, rr + cc) for rr in rows for cc in cols]
         for j in range(i, k):
             dy, dx = offsets[j][0] - py, offsets[j][1] - px
-            block = corr[dy, dx]
-            parts = [(add, part) for add, box in boxes if (part := border(*box, dy, dx)) is not None]
-            if parts:
-                block = block.copy()
-                for add, part in parts:
+            block = blocks[i, j]
+            block[...] = corr[dy, dx]
+            for add, box in boxes:
+                part = border(*box, dy, dx)
+                if part is not None:
                     (np.add if add else np.subtract)(block, part, out=block)
-            for target in targets:
-                target[:, i, :, j] += block
-                if j != i:
-                    target[:, j, :, i] += block.T
+            if j != i:
+                blocks[j, i] = block.T
+    xx = blocks.transpose(2, 0, 3, 1).reshape(c * k, c * k)  # [c, k, c, k]: channel-major like W[o]
     yx = np.stack(yx_by_offset, axis=2).reshape(n_total, c * k)  # [n, c, k]
-    sx = np.stack([grid[:, py:py + ho, px:px + wo].sum(axis=(0, 1, 2), dtype=np.float64) for py, px in offsets],
-                  axis=1).reshape(c * k)
+    # window sums from the integral image of the map summed over the batch
+    integral = np.zeros((hg + 1, wg + 1, c))
+    integral[1:, 1:] = grid.sum(axis=0, dtype=np.float64).cumsum(axis=0).cumsum(axis=1)
+    sx = np.stack([integral[py + ho, px + wo] - integral[py, px + wo] - integral[py + ho, px] + integral[py, px]
+                   for py, px in offsets], axis=1).reshape(c * k)
     row = 0
     for st, y in zip(stats, outputs):
+        st.sxx[0] += xx
         st.sx[0] += sx
         st.syx += yx[row:row + y.shape[2]]
         row += y.shape[2]
