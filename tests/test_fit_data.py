@@ -262,3 +262,24 @@ def test_sampled_patches_equal_the_same_rows_of_im2col(rng, args):
     pick = np.stack([rng.permutation(ho * wo) for _ in range(b)])
     want = np.take_along_axis(full.reshape(b, ho * wo, d), pick[:, :, None], axis=1)
     assert np.array_equal(sampled_patches(x, pick, *args), want)
+
+
+@pytest.mark.parametrize("group, rank", [(1, 1), (1, 3), (2, 2), (4, 1)])
+def test_decomposed_relative_error_equals_the_weights_own(rng, group, rank):
+    """The error from D C D^T and the factors is relative_error of the weight they compute."""
+    from onnx_dwd.fit import network_decoupling, reconstruct_weight
+    from onnx_dwd.fit.stats import decomposed_relative_error
+    n, c = 8, 8
+    w = rng.standard_normal((n, c // group, 3, 3))
+    x = rng.standard_normal((500, c * 9))
+    y = x.reshape(500, group, -1).transpose(1, 0, 2) @ w.reshape(group, n // group, -1).transpose(0, 2, 1)
+    y = y.transpose(1, 0, 2).reshape(500, n) + 0.3 * rng.standard_normal((500, n)) + 1.0
+    stats = LayerStats.zeros(n, c // group * 9, group)
+    stats.add(x, y)
+    dec = network_decoupling(w, rank, group)
+    bias = rng.standard_normal(n)
+    want = relative_error(stats, reconstruct_weight(dec), bias)
+    assert 0.05 < want < 2
+    assert decomposed_relative_error(stats, dec.depthwise, dec.pointwise, dec.rank, bias) == pytest.approx(want, rel=1e-10)
+    assert decomposed_relative_error(stats, dec.depthwise, dec.pointwise, dec.rank, None) == pytest.approx(
+        relative_error(stats, reconstruct_weight(dec), None), rel=1e-10)

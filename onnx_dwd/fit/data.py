@@ -26,8 +26,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .common import Decomposition, assemble, max_rank, reconstruct_weight, svd_flip
-from .stats import LayerStats, relative_error
+from .common import Decomposition, assemble, max_rank, svd_flip
+from .stats import LayerStats, decomposed_relative_error
 
 #: Ridge added to covariance matrices, relative to their mean diagonal, so that
 #: dead or constant inputs (padding, ReLU zeros) keep the solves well posed.
@@ -318,7 +318,7 @@ def refit(weight: np.ndarray, stats: LayerStats, rank: int, validation: Optional
         name = variant or "sweeps+ls"
         return dataclasses.replace(_refit_variant(weight, stats, k, *REFIT_VARIANTS[name]), detail=name)
     fitted = _refit_variants(weight, stats, k, list(REFIT_VARIANTS.values()))
-    scores = {name: relative_error(validation, reconstruct_weight(dec), dec.bias)
+    scores = {name: decomposed_relative_error(validation, dec.depthwise, dec.pointwise, dec.rank, dec.bias)
               for name, dec in zip(REFIT_VARIANTS, fitted)}
     best = min(scores, key=scores.get)
     merged = stats.merge(validation)
