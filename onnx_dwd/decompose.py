@@ -178,18 +178,46 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
         if "held-out" in parts and not inter_layer:
             each_batch("held-out", f"{stage}: held-out data", lambda xs, ys: capture.add_residuals(xs, ys, errors))
     if "held-out" in parts and inter_layer:
-        inputs = in_background(current["held-out"].step(model, input_names(fitted), keep=False))
-        batches = _paired(reference["held-out"].replay([s.name for s in fitted], delete=not shared), inputs)
-        capture = Capture(fitted)  # positions come from the recording
-        try:
-            for xs, ys in progress(batches, "held-out data: errors per layer", None):
-                capture.add_residuals(xs, ys, errors)
-        finally:
-            inputs.close()
-            batches.close()
+        chunks = _by_input_bytes(fitted, entries, HELD_OUT_STEP_BYTES)
+        for index, chunk in enumerate(chunks):
+            inputs = in_background(current["held-out"].step(model, input_names(chunk), keep=index < len(chunks) - 1))
+            batches = _paired(reference["held-out"].replay([s.name for s in chunk], delete=not shared), inputs)
+            capture = Capture(chunk)  # positions come from the recording
+            try:
+                for xs, ys in progress(batches, f"held-out data: errors per layer ({index + 1}/{len(chunks)})",
+                                       None):
+                    capture.add_residuals(xs, ys, errors)
+            finally:
+                inputs.close()
+                batches.close()
     for name, sums in errors.items():
         if sums.count:
             entries[name]["rel_error"] = sums.relative_error()
+
+
+#: Bytes per image of the layer inputs one step of the held-out pass returns: a step that
+#: returned all of YOLOv8n's (10 MB an image, two 8-image batches alive) raised the peak
+#: of a 1024-image run by 120 MB; the steps past the first read the frontier from disk.
+HELD_OUT_STEP_BYTES = 2 * 2**20
+
+
+def _by_input_bytes(specs: List[CaptureSpec], entries: Dict[str, Dict], limit: int) -> List[List[CaptureSpec]]:
+    """specs (in level order) in consecutive runs whose inputs take about limit bytes per
+    image (float32, the size estimated from each conv's output shape and stride); one run
+    when no output shapes are known."""
+    chunks: List[List[CaptureSpec]] = []
+    used = 0
+    for spec in specs:
+        shape = entries[spec.name]["output_shape"]
+        if shape is None:
+            return [list(specs)]
+        size = 4 * spec.in_channels * shape[2] * spec.strides[0] * shape[3] * spec.strides[1]
+        if not chunks or used + size > limit:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(spec)
+        used += size
+    return chunks
 
 
 def with_replacements(model: onnx.ModelProto, replaced: Mapping[str, List[gs.Node]]) -> onnx.ModelProto:

@@ -456,10 +456,18 @@ def test_full_rank_refit_on_sampled_positions_still_reproduces_the_original(e2e,
     assert all(l["rel_error"] < 1e-3 for l in report["layers"])
 
 
-def test_per_layer_held_out_errors_are_what_the_written_model_computes_there(e2e, reports):
-    """With inter-layer fitting every level's held-out error is measured in one pass of the
-    finished model: each layer's error is its replacement's output there (the pointwise conv
-    writes the conv's own output tensor) against the original's, over every held-out position."""
+@pytest.mark.parametrize("step_bytes", [None, 1])
+def test_per_layer_held_out_errors_are_what_the_written_model_computes_there(e2e, reports, step_bytes, monkeypatch):
+    """With inter-layer fitting every level's held-out error is measured in a pass of the
+    finished model (step_bytes 1: one Lineage step per layer, the later ones reading the
+    frontier from disk): each layer's error is its replacement's output there (the pointwise
+    conv writes the conv's own output tensor) against the original's, over every held-out position."""
+    import onnx_dwd.decompose as decompose_module
+    if step_bytes is not None:
+        monkeypatch.setattr(decompose_module, "HELD_OUT_STEP_BYTES", step_bytes)
+    steps = []
+    chunks = decompose_module._by_input_bytes
+    monkeypatch.setattr(decompose_module, "_by_input_bytes", lambda *a: steps.append(chunks(*a)) or steps[-1])
     folder, feeds = e2e
     config = OptimizeConfig(method="refit", rank=1, position_budget=0, measure_latency=False)
     report = optimize(folder / "m.onnx", folder / "every_position.onnx", config, calibration=feeds)
@@ -473,6 +481,7 @@ def test_per_layer_held_out_errors_are_what_the_written_model_computes_there(e2e
         assert layer["rel_error"] == pytest.approx(rel_error(a, b), rel=1e-4), layer["name"]
     # the earlier levels' errors are not all alike: each layer was measured, not one copied
     assert len({round(l["rel_error"], 6) for l in report["layers"]}) == 3
+    assert [len(c) for c in steps[0]] == ([1, 1, 1] if step_bytes else [3])
 
 
 @pytest.mark.parametrize("inter_layer", [True, False])
