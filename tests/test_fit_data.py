@@ -253,13 +253,16 @@ def test_shifted_statistics_equal_im2col_ones(rng, kernel, pads):
 @pytest.mark.parametrize("args", [((3, 2), (2, 1), (1, 2), (1, 0, 2, 1)), ((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
                                   ((5, 5), (2, 2), (1, 1), (2, 2, 2, 2)), ((3, 3), (1, 1), (2, 2), (2, 2, 2, 2)),
                                   ((1, 3), (1, 2), (1, 1), (0, 3, 0, 0)), ((2, 2), (2, 2), (1, 1), (0, 0, 0, 0))])
-def test_sampled_patches_equal_the_same_rows_of_im2col(rng, args):
-    """Every position, the padded ones included, with asymmetric pads, strides and dilations."""
+@pytest.mark.parametrize("share", [1.0, 0.1])
+def test_sampled_patches_equal_the_same_rows_of_im2col(rng, args, share):
+    """Every position (share 1: gathered from the padded map by flat index) or a few (share
+    0.1: from the map itself), the padded ones included, with asymmetric pads, strides and
+    dilations."""
     from onnx_dwd.fit.stats import sampled_patches
     x = rng.standard_normal((3, 4, 11, 9)).astype(np.float32)
     full = im2col(x, *args)
     b, ho, wo, d = full.shape
-    pick = np.stack([rng.permutation(ho * wo) for _ in range(b)])
+    pick = np.stack([rng.permutation(ho * wo)[:max(1, int(share * ho * wo))] for _ in range(b)])
     want = np.take_along_axis(full.reshape(b, ho * wo, d), pick[:, :, None], axis=1)
     assert np.array_equal(sampled_patches(x, pick, *args), want)
 

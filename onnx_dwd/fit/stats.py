@@ -105,14 +105,27 @@ def sampled_patches(x: np.ndarray, positions: np.ndarray, kernel, strides=(1, 1)
                     pads=(0, 0, 0, 0)) -> np.ndarray:
     """Patches at chosen output positions only: positions [B, P] (flat indices into H'*W') -> [B, P, c*kh*kw].
 
-    Gathers the sampled receptive fields from x itself, reading zeros where
-    they reach into the padding: padding all of x first cost more than the
-    gather when few positions are sampled (a 160x160 map, 36 positions).
+    Few positions: gathers the sampled receptive fields from x itself, reading
+    zeros where they reach into the padding (padding all of x first cost more
+    than the gather, a 160x160 map with 36 positions). Many: pads x and takes
+    each patch by flat index.
     """
     bsz, c, h, w = x.shape
     (kh, kw), (sh, sw), (dh, dw), (t, l, b, r) = kernel, strides, dilations, pads
     wo = (w + l + r - (kw - 1) * dw - 1) // sw + 1
     rows, cols = np.divmod(positions, wo)
+    hp, wp = h + t + b, w + l + r
+    if positions.shape[1] * kh * kw >= hp * wp:
+        # the patches outnumber the padded map's pixels (small maps, most positions sampled):
+        # pad once and take each patch's pixels by flat index, per image in channel-major order
+        # (YOLOv8n's 10x10 maps at 91 of 100 positions: 1.2 ms a batch, 6.6 ms the other way)
+        flat = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r))).reshape(bsz, c, hp * wp)
+        offsets = (np.arange(kh)[:, None] * dh * wp + np.arange(kw)[None, :] * dw).ravel()
+        index = (rows * sh * wp + cols * sw)[:, :, None] + offsets  # [B, P, kh*kw]
+        out = np.empty((bsz, positions.shape[1], c, kh * kw), x.dtype)
+        for i in range(bsz):
+            out[i] = flat[i][:, index[i]].transpose(1, 0, 2)
+        return out.reshape(bsz, positions.shape[1], c * kh * kw)
     iy = rows[:, :, None] * sh - t + np.arange(kh) * dh  # [B, P, kh] input rows
     ix = cols[:, :, None] * sw - l + np.arange(kw) * dw  # [B, P, kw] input columns
     inside = ((iy >= 0) & (iy < h))[:, :, :, None] & ((ix >= 0) & (ix < w))[:, :, None, :]
