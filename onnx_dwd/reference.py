@@ -89,7 +89,7 @@ class ReferenceOutputs:
         """Yield the named layers' sampled outputs batch by batch, in recorded order. With
         delete, each file goes once read to the end (a layer fitted once); without, the
         store can be replayed again. Files are opened a batch at a time, as they are written:
-        the held-out errors replay every layer at once."""
+        the held-out errors replay a dozen layers or more at once."""
         offsets = {name: 0 for name in names}
         for index in range(self.batches):
             batch = {}
