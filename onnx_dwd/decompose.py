@@ -116,10 +116,11 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
     model whose lower levels are already replaced (a Lineage: every node run once over the
     fit data) and its outputs from one pass of the original (ReferenceOutputs: recorded
     here, or given by the caller to share between models, covering every level). The
-    held-out errors of every level are measured after the last one, in one pass of the
-    finished model: a layer's input there is what it was when its level was fitted (only
-    candidates upstream of it were replaced since), and one pass costs one session, not
-    one per level (29 on YOLOv8n, each waited for while the statistics had nothing to do)."""
+    held-out errors of every level are measured after the last one, in a few Lineage steps
+    of the finished model (HELD_OUT_STEP_BYTES): a layer's input there is what it was when
+    its level was fitted (only candidates upstream of it were replaced since), and a few
+    steps cost a few sessions, not one per level (29 on YOLOv8n, each waited for while the
+    statistics had nothing to do)."""
     needs_fit_data = method not in DATA_FREE_METHODS
     parts = calibration_parts(calibration, needs_fit_data)
     current = {p: Lineage(part.batches, workdir, f"current-{p}", what, PASS_THREADS) for p, part in parts.items()}
@@ -144,18 +145,12 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
             """consume(inputs, sampled outputs) for every batch of part p, this level's pass
             running in a worker thread meanwhile."""
             if inter_layer:
-                inputs = in_background(current[p].step(model, input_names(specs), keep=not last))
-                batches = _paired(reference[p].replay([l.name for l in group], delete=not shared), inputs)
+                inputs, batches = _replayed(current[p], model, specs, reference[p], keep=not last, delete=not shared)
             else:  # inputs and outputs from one pass of the original
                 inputs = in_background(current[p].step(model, input_names(specs) + output_names(specs),
                                                        keep=False))
                 batches = ((values, capture.sample(values)) for values in inputs)
-            try:
-                for xs, ys in progress(batches, label, None):
-                    consume(xs, ys)
-            finally:  # an error here stops the worker before workdir goes, and closes the level's files
-                inputs.close()
-                batches.close()
+            _consume(inputs, batches, consume, progress, label)
 
         stats = capture.new_stats() if needs_fit_data else None  # d x d each: only for the fits that read them
         # refit picks its variant on images of the fit data it does not fit on first
@@ -180,19 +175,33 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
     if "held-out" in parts and inter_layer:
         chunks = _by_input_bytes(fitted, entries, HELD_OUT_STEP_BYTES)
         for index, chunk in enumerate(chunks):
-            inputs = in_background(current["held-out"].step(model, input_names(chunk), keep=index < len(chunks) - 1))
-            batches = _paired(reference["held-out"].replay([s.name for s in chunk], delete=not shared), inputs)
+            inputs, batches = _replayed(current["held-out"], model, chunk, reference["held-out"],
+                                        keep=index < len(chunks) - 1, delete=not shared)
             capture = Capture(chunk)  # positions come from the recording
-            try:
-                for xs, ys in progress(batches, f"held-out data: errors per layer ({index + 1}/{len(chunks)})",
-                                       None):
-                    capture.add_residuals(xs, ys, errors)
-            finally:
-                inputs.close()
-                batches.close()
+            _consume(inputs, batches, lambda xs, ys, capture=capture: capture.add_residuals(xs, ys, errors), progress,
+                     f"held-out data: errors per layer ({index + 1}/{len(chunks)})")
     for name, sums in errors.items():
         if sums.count:
             entries[name]["rel_error"] = sums.relative_error()
+
+
+def _replayed(lineage: Lineage, model: onnx.ModelProto, specs: List[CaptureSpec], store: ReferenceOutputs, *,
+              keep: bool, delete: bool):
+    """(worker, batches): specs' inputs from a step of lineage over model, in a worker thread,
+    paired with their outputs replayed from the original's recording."""
+    inputs = in_background(lineage.step(model, input_names(specs), keep=keep))
+    return inputs, _paired(store.replay([s.name for s in specs], delete=delete), inputs)
+
+
+def _consume(worker, batches, consume, progress: Progress, label: str) -> None:
+    """consume(inputs, outputs) for every batch. An error here stops the worker before the
+    workdir goes, and closes the replayed files."""
+    try:
+        for xs, ys in progress(batches, label, None):
+            consume(xs, ys)
+    finally:
+        worker.close()
+        batches.close()
 
 
 #: Bytes per image of the layer inputs one step of the held-out pass returns: a step that
