@@ -286,3 +286,25 @@ def test_decomposed_relative_error_equals_the_weights_own(rng, group, rank):
     assert decomposed_relative_error(stats, dec.depthwise, dec.pointwise, dec.rank, bias) == pytest.approx(want, rel=1e-10)
     assert decomposed_relative_error(stats, dec.depthwise, dec.pointwise, dec.rank, None) == pytest.approx(
         relative_error(stats, reconstruct_weight(dec), None), rel=1e-10)
+
+
+def test_moments_centre_in_row_blocks_exactly_and_without_a_second_d_by_d_array(rng):
+    """d = 600 spans three MOMENT_ROWS blocks (the last one partial); the wide head layers
+    (d = 2304) made a whole outer product beside C_xx the fit's memory peak."""
+    import tracemalloc
+
+    from onnx_dwd.fit.stats import MOMENT_ROWS
+    d = 600
+    assert d > 2 * MOMENT_ROWS and d % MOMENT_ROWS
+    x = rng.standard_normal((2000, d)) + 3.0
+    st = LayerStats.zeros(4, d)
+    st.add(x, rng.standard_normal((2000, 4)))
+    tracemalloc.start()
+    try:
+        mx, _, cxx, _ = st.moments()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    want = st.sxx[0] / st.count - np.outer(st.sx[0] / st.count, st.sx[0] / st.count)
+    np.testing.assert_array_equal(cxx, want)  # the same products, the same rounding
+    assert peak < 1.5 * cxx.nbytes
