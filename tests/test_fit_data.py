@@ -223,6 +223,21 @@ def test_refit_variants_from_one_run_of_sweeps_equal_each_fitted_alone(rng, grou
     assert errors[0] > errors[1] > errors[2]  # more sweeps, then least squares: each fits better
 
 
+@pytest.mark.parametrize("n, q", [(16, 9), (9, 9), (40, 25)])
+def test_rank_1_channel_fit_is_the_general_one(rng, n, q):
+    """A sweep's rank-1 shortcut gives what the general reduced-rank fit gives (sign, scale
+    balance and all), also where q = n and where the cross term's sign must flip."""
+    from onnx_dwd.fit.data import _rank1_whitened_fit, _whitened_fit, inverse_cholesky
+    a = rng.standard_normal((4 * q, q)) @ rng.standard_normal((q, q))
+    linv = inverse_cholesky(a.T @ a / len(a))
+    for cross in (rng.standard_normal((n, q)), -np.abs(rng.standard_normal((n, q)))):
+        p, d = _rank1_whitened_fit(cross, linv)
+        p_general, d_general = _whitened_fit(cross, linv, 1, gram=True)
+        assert p.shape == p_general.shape and d.shape == d_general.shape
+        np.testing.assert_allclose(p, p_general, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(d, d_general, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("kernel, pads", [((3, 3), (1, 1, 1, 1)), ((3, 3), (0, 0, 0, 0)), ((3, 2), (2, 0, 1, 1)),
                                           ((5, 5), (2, 2, 2, 2)), ((3, 3), (0, 2, 1, 0)), ((3, 3), (3, 3, 3, 3)),
                                           ((1, 3), (0, 1, 0, 1)), ((5, 3), (4, 0, 0, 2))])

@@ -22,6 +22,8 @@ A = B L^-T = U S V^T, P = U_K S_K, D = V_K^T L^-1.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Optional, Tuple
 
 import numpy as np
@@ -93,6 +95,22 @@ def _whitened_fit(cross: np.ndarray, linv: np.ndarray, rank: int, gram: bool = F
     scale = np.sqrt(np.linalg.norm(d, axis=1) / np.maximum(np.linalg.norm(p, axis=0), 1e-30))
     scale[~np.isfinite(scale) | (scale == 0)] = 1.0
     return p * scale, d / scale[:, None]
+
+
+def _rank1_whitened_fit(cross: np.ndarray, linv: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """_whitened_fit(cross, linv, 1, gram=True) for a sweep's channel (q <= n), in a third of
+    the numpy calls: a rank-1 refit makes one per channel per sweep (about 12,000 on YOLOv8n,
+    1.3 s of its 64-image run), each a few microseconds of arithmetic in calls' overhead."""
+    a = cross @ linv.T
+    v = np.linalg.eigh(a.T @ a)[1][:, -1]  # the top eigenvector (eigh sorts ascending)
+    p = a @ v
+    if p[np.abs(p).argmax()] < 0:  # svd_flip's sign: the largest |p| entry positive
+        p, v = -p, -v
+    d = v @ linv
+    scale = math.sqrt(math.sqrt(float(d @ d)) / max(math.sqrt(float(p @ p)), 1e-30))
+    if not math.isfinite(scale) or scale == 0:
+        scale = 1.0
+    return (p * scale)[:, None], (d / scale)[None, :]
 
 
 def reduced_rank_fit(cross: np.ndarray, cov: np.ndarray, rank: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -207,13 +225,15 @@ class _Sweeps:
         first = self.done == 0
         if first:
             unfitted = _later_channels_share(grp.w.reshape(n, -1), grp.cxx, k2)
+        linv = grp.channel_linv
+        fit = _rank1_whitened_fit if k == 1 and k2 <= n else functools.partial(_whitened_fit, rank=k, gram=True)
         for i in range(cg):
             blk, cols = grp.block(i), slice(i * k, (i + 1) * k)
             if first:
                 cross = grp.cyx[:, blk] - unfitted[:, blk] - self.p_by_row[:, :i * k] @ self.t[:i * k, blk]
             else:
                 cross = grp.cyx[:, blk] - self.p_by_row @ self.t[:, blk] + self.p[i] @ self.t[cols, blk]
-            self.p[i], self.d[i] = _whitened_fit(cross, grp.channel_linv[i], k, gram=True)
+            self.p[i], self.d[i] = fit(cross, linv[i])
             self.t[cols] = self.d[i] @ grp.cxx[blk]
         self.done += 1
 
