@@ -3,11 +3,14 @@
 A calibrated run alternates onnxruntime passes (the next batch's tensors)
 with numpy statistics (this batch's sums). Both release the GIL, so on two
 cores a worker thread running the passes hides most of one behind the other.
+lowest_priority() is for threads that should only take idle cores.
 """
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 from typing import Iterable, Iterator, TypeVar
 
@@ -72,3 +75,15 @@ def in_background(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     finally:
         stop.set()
         worker.join()
+
+
+def lowest_priority() -> None:
+    """Run the calling thread at the lowest CPU priority (nice 19): on Linux, where each thread
+    has a nice value of its own; elsewhere nothing changes (macOS's setpriority would take the
+    thread's id for a process id)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:
+        pass

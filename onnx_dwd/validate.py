@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import threading
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
+from .background import lowest_priority
 from .runtimes import make_session, run_batches
 from .spill import RawArray
 
@@ -160,10 +160,7 @@ class BackgroundReference:
             if self._hurry.is_set():
                 return
         try:
-            try:  # best effort: where threads have no nice value of their own this runs at normal priority
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-            except (AttributeError, OSError):
-                pass
+            lowest_priority()  # where threads have no nice value of their own: normal priority
             session = make_session(self.model, threads=1, what=self.what)
             root = Path(self._dir.name)
             for index, feed in enumerate(feeds()):

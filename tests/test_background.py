@@ -1,4 +1,5 @@
-"""in_background: the same items in the same order, errors where they happened, no stray workers."""
+"""in_background: the same items in the same order, errors where they happened, no stray workers;
+lowest_priority: the calling thread only, and only on Linux."""
 
 import threading
 import time
@@ -91,3 +92,29 @@ def test_the_next_item_is_produced_while_this_one_is_consumed():
     # still holding item 0: the worker has gone on to item 1 meanwhile
     assert second_made.wait(timeout=10)
     assert list(items) == [1]
+
+
+def test_lowest_priority_renices_the_calling_thread_only_on_linux(monkeypatch):
+    """On Linux the calling thread (not the process) goes to nice 19; elsewhere setpriority is
+    not called at all (macOS would read the thread id as a process id)."""
+    import os
+    import sys
+    import threading
+
+    from onnx_dwd.background import lowest_priority
+    if sys.platform.startswith("linux"):
+        seen = {}
+
+        def worker():
+            lowest_priority()
+            seen["thread"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+        assert seen["thread"] == 19
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # this thread untouched
+    calls = []
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(os, "setpriority", lambda *a: calls.append(a))
+    lowest_priority()
+    assert calls == []
