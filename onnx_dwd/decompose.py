@@ -11,7 +11,7 @@ import dataclasses
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 import onnx
@@ -29,7 +29,9 @@ from .fit import network_decoupling, reconstruct_weight
 from .fit.data import channel, dwd, dwd_comp, refit
 from .fit.stats import ResidualSums
 from .fold import fold_affine_into_convs
+from .heldout import HeldOutErrors, any_batch_size
 from .modelio import check_model, export_graph
+from .passes import Progress, consume, no_progress, replayed
 from .planner import Decision
 from .reference import ReferenceOutputs
 from .rewrite import replace_conv, replace_conv_with_channel
@@ -37,13 +39,7 @@ from .segments import Lineage
 from .select import ConvLayer, classify_convs
 from .tensors import NameAllocator
 
-Progress = Callable[[Iterable, str, Optional[int]], Iterable]
-
 _DATA_FITS = {"dwd": dwd, "dwd-comp": dwd_comp}
-
-
-def no_progress(iterable, label, length):
-    return iterable
 
 
 def _layer_entry(layer: ConvLayer, out_shape: Optional[tuple]) -> Dict:
@@ -116,14 +112,13 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
     model whose lower levels are already replaced (a Lineage: every node run once over the
     fit data) and its outputs from one pass of the original (ReferenceOutputs: recorded
     here, or given by the caller to share between models, covering every level). The
-    held-out errors of every level are measured after the last one, in a few Lineage steps
-    of the finished model (HELD_OUT_STEP_BYTES): a layer's input there is what it was when
-    its level was fitted (only candidates upstream of it were replaced since), and a few
-    steps cost a few sessions, not one per level (29 on YOLOv8n, each waited for while the
-    statistics had nothing to do)."""
+    held-out errors of every level are measured in a few Lineage steps of their own
+    (HeldOutErrors), beside the later levels."""
     needs_fit_data = method not in DATA_FREE_METHODS
     parts = calibration_parts(calibration, needs_fit_data)
-    current = {p: Lineage(part.batches, workdir, f"current-{p}", what, PASS_THREADS) for p, part in parts.items()}
+    # the held-out part's Lineage, with inter-layer fitting, is HeldOutErrors' own
+    current = {p: Lineage(part.batches, workdir, f"current-{p}", what, PASS_THREADS) for p, part in parts.items()
+               if p == "fit" or not inter_layer}
     shared = reference is not None
     if shared and (set(reference) != set(parts) or any(l.name not in reference[p].paths for p in parts
                                                          for group in levels for l in group)):
@@ -132,101 +127,63 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
         reference = _record_reference(prepared, [l for group in levels for l in group], parts, config,
                                       calibration.fit.count, workdir, what, progress)
     errors: Dict[str, ResidualSums] = {}
-    fitted: List[CaptureSpec] = []  # made before each level's convs are replaced
-    model = prepared
-    for index, group in enumerate(levels):
-        last = index == len(levels) - 1
-        specs = [CaptureSpec.of(l) for l in group]
-        fitted.extend(specs)
-        capture = configured_capture(specs, config, calibration.fit.count, config.seed + index)
-        stage = f"level {index + 1}/{len(levels)}" if inter_layer else "capture"
-
-        def each_batch(p, label, consume):
-            """consume(inputs, sampled outputs) for every batch of part p, this level's pass
-            running in a worker thread meanwhile."""
-            if inter_layer:
-                inputs, batches = _replayed(current[p], model, specs, reference[p], keep=not last, delete=not shared)
-            else:  # inputs and outputs from one pass of the original
-                inputs = in_background(current[p].step(model, input_names(specs) + output_names(specs),
-                                                       keep=False))
-                batches = ((values, capture.sample(values)) for values in inputs)
-            _consume(inputs, batches, consume, progress, label)
-
-        stats = capture.new_stats() if needs_fit_data else None  # d x d each: only for the fits that read them
-        # refit picks its variant on images of the fit data it does not fit on first
-        val_stats = capture.new_stats() if method == "refit" and config.refit_variant == "auto" else None
-        if "fit" in parts:
-            each_batch("fit", f"{stage}: fit data, {len(group)} layers",
-                       lambda xs, ys: capture.add_sampled(xs, ys, stats, val_stats))
-            capture.flush()
-        replaced = {}  # output tensor -> the nodes now computing it
-        for layer in progress(group, f"{stage}: fitting ({method})", len(group)):
-            start, output = len(graph.nodes), layer.output_name  # the node loses its outputs
-            weight, bias = _fit_and_replace(graph, layer, entries[layer.name], method, *plan[layer.name], config,
-                                            names, stats[layer.name] if stats is not None else None,
-                                            val_stats[layer.name] if val_stats else None)
-            replaced[output] = graph.nodes[start:]  # the rewrites append their nodes
-            errors[layer.name] = ResidualSums(weight, bias, layer.group)
-        if inter_layer:
-            model = with_replacements(model, replaced)
-        # the fitted weights' own errors: cheaper than held-out statistics (n d per position, not d^2)
-        if "held-out" in parts and not inter_layer:
-            each_batch("held-out", f"{stage}: held-out data", lambda xs, ys: capture.add_residuals(xs, ys, errors))
+    held_out = None  # with inter-layer fitting, measured beside the later levels
     if "held-out" in parts and inter_layer:
-        chunks = _by_input_bytes(fitted, entries, HELD_OUT_STEP_BYTES)
-        for index, chunk in enumerate(chunks):
-            inputs, batches = _replayed(current["held-out"], model, chunk, reference["held-out"],
-                                        keep=index < len(chunks) - 1, delete=not shared)
-            capture = Capture(chunk)  # positions come from the recording
-            _consume(inputs, batches, lambda xs, ys, capture=capture: capture.add_residuals(xs, ys, errors), progress,
-                     f"held-out data: errors per layer ({index + 1}/{len(chunks)})")
+        held_out = HeldOutErrors(parts["held-out"].batches, reference["held-out"],
+                                 [CaptureSpec.of(l) for group in levels for l in group], entries, errors, workdir,
+                                 delete=not shared, per_image=any_batch_size(prepared), what=what,
+                                 threads=PASS_THREADS)
+    model = prepared
+    try:
+        for index, group in enumerate(levels):
+            last = index == len(levels) - 1
+            specs = [CaptureSpec.of(l) for l in group]
+            capture = configured_capture(specs, config, calibration.fit.count, config.seed + index)
+            stage = f"level {index + 1}/{len(levels)}" if inter_layer else "capture"
+
+            def each_batch(p, label, consume_batch):
+                """consume_batch(inputs, sampled outputs) for every batch of part p, this level's
+                pass running in a worker thread meanwhile."""
+                if inter_layer:
+                    inputs, batches = replayed(current[p], model, specs, reference[p], keep=not last,
+                                               delete=not shared)
+                else:  # inputs and outputs from one pass of the original
+                    inputs = in_background(current[p].step(model, input_names(specs) + output_names(specs),
+                                                           keep=False))
+                    batches = ((values, capture.sample(values)) for values in inputs)
+                consume(inputs, batches, consume_batch, progress, label)
+
+            stats = capture.new_stats() if needs_fit_data else None  # d x d each: only for the fits that read them
+            # refit picks its variant on images of the fit data it does not fit on first
+            val_stats = capture.new_stats() if method == "refit" and config.refit_variant == "auto" else None
+            if "fit" in parts:
+                each_batch("fit", f"{stage}: fit data, {len(group)} layers",
+                           lambda xs, ys: capture.add_sampled(xs, ys, stats, val_stats))
+                capture.flush()
+            replaced = {}  # output tensor -> the nodes now computing it
+            for layer in progress(group, f"{stage}: fitting ({method})", len(group)):
+                start, output = len(graph.nodes), layer.output_name  # the node loses its outputs
+                weight, bias = _fit_and_replace(graph, layer, entries[layer.name], method, *plan[layer.name],
+                                                config, names, stats[layer.name] if stats is not None else None,
+                                                val_stats[layer.name] if val_stats else None)
+                replaced[output] = graph.nodes[start:]  # the rewrites append their nodes
+                errors[layer.name] = ResidualSums(weight, bias, layer.group)
+            if inter_layer:
+                model = with_replacements(model, replaced)
+            if held_out is not None:
+                held_out.released(model, set(errors))
+            # the fitted weights' own errors: cheaper than held-out statistics (n d per position, not d^2)
+            if "held-out" in parts and not inter_layer:
+                each_batch("held-out", f"{stage}: held-out data",
+                           lambda xs, ys: capture.add_residuals(xs, ys, errors))
+        if held_out is not None:
+            held_out.finish(model, progress)
+    finally:
+        if held_out is not None:
+            held_out.close()
     for name, sums in errors.items():
         if sums.count:
             entries[name]["rel_error"] = sums.relative_error()
-
-
-def _replayed(lineage: Lineage, model: onnx.ModelProto, specs: List[CaptureSpec], store: ReferenceOutputs, *,
-              keep: bool, delete: bool):
-    """(worker, batches): specs' inputs from a step of lineage over model, in a worker thread,
-    paired with their outputs replayed from the original's recording."""
-    inputs = in_background(lineage.step(model, input_names(specs), keep=keep))
-    return inputs, _paired(store.replay([s.name for s in specs], delete=delete), inputs)
-
-
-def _consume(worker, batches, consume, progress: Progress, label: str) -> None:
-    """consume(inputs, outputs) for every batch. An error here stops the worker before the
-    workdir goes, and closes the replayed files."""
-    try:
-        for xs, ys in progress(batches, label, None):
-            consume(xs, ys)
-    finally:
-        worker.close()
-        batches.close()
-
-
-#: Bytes per image of the layer inputs one step of the held-out pass returns: a step that
-#: returned all of YOLOv8n's (10 MB an image, two 8-image batches alive) raised the peak
-#: of a 1024-image run by 120 MB; the steps past the first read the frontier from disk.
-HELD_OUT_STEP_BYTES = 2 * 2**20
-
-
-def _by_input_bytes(specs: List[CaptureSpec], entries: Dict[str, Dict], limit: int) -> List[List[CaptureSpec]]:
-    """specs (in level order) in consecutive runs whose inputs take about limit bytes per
-    image (float32, the size estimated from each conv's output shape and stride); one run
-    when no output shapes are known."""
-    chunks: List[List[CaptureSpec]] = []
-    used = 0
-    for spec in specs:
-        shape = entries[spec.name]["output_shape"]
-        if shape is None:
-            return [list(specs)]
-        size = 4 * spec.in_channels * shape[2] * spec.strides[0] * shape[3] * spec.strides[1]
-        if not chunks or used + size > limit:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(spec)
-        used += size
-    return chunks
 
 
 def with_replacements(model: onnx.ModelProto, replaced: Mapping[str, List[gs.Node]]) -> onnx.ModelProto:
@@ -306,17 +263,6 @@ def original_pass(model: onnx.ModelProto, specs, batches, capture: Capture, *, c
                     consume(batch, sampled)
     finally:
         values.close()
-
-
-def _paired(outputs, inputs):
-    """(inputs, outputs) per batch of two streams over the same batches."""
-    for ys in outputs:
-        xs = next(inputs, None)
-        if xs is None:
-            raise RuntimeError("internal: the two streams yielded different batch counts")
-        yield xs, ys
-    if next(inputs, None) is not None:
-        raise RuntimeError("internal: the two streams yielded different batch counts")
 
 
 def decompose_model(original: onnx.ModelProto, config: OptimizeConfig,

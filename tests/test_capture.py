@@ -462,12 +462,12 @@ def test_per_layer_held_out_errors_are_what_the_written_model_computes_there(e2e
     finished model (step_bytes 1: one Lineage step per layer, the later ones reading the
     frontier from disk): each layer's error is its replacement's output there (the pointwise
     conv writes the conv's own output tensor) against the original's, over every held-out position."""
-    import onnx_dwd.decompose as decompose_module
+    import onnx_dwd.heldout as heldout_module
     if step_bytes is not None:
-        monkeypatch.setattr(decompose_module, "HELD_OUT_STEP_BYTES", step_bytes)
+        monkeypatch.setattr(heldout_module, "HELD_OUT_STEP_BYTES", step_bytes)
     steps = []
-    chunks = decompose_module._by_input_bytes
-    monkeypatch.setattr(decompose_module, "_by_input_bytes", lambda *a: steps.append(chunks(*a)) or steps[-1])
+    chunks = heldout_module.steps_by_input_bytes
+    monkeypatch.setattr(heldout_module, "steps_by_input_bytes", lambda *a: steps.append(chunks(*a)) or steps[-1])
     folder, feeds = e2e
     config = OptimizeConfig(method="refit", rank=1, position_budget=0, measure_latency=False)
     report = optimize(folder / "m.onnx", folder / "every_position.onnx", config, calibration=feeds)
@@ -482,6 +482,69 @@ def test_per_layer_held_out_errors_are_what_the_written_model_computes_there(e2e
     # the earlier levels' errors are not all alike: each layer was measured, not one copied
     assert len({round(l["rel_error"], 6) for l in report["layers"]}) == 3
     assert [len(c) for c in steps[0]] == ([1, 1, 1] if step_bytes else [3])
+
+
+def test_held_out_steps_one_image_at_a_time_give_the_batches_errors(tmp_path, monkeypatch):
+    """A model that takes any batch size has its held-out steps run one image at a time (the
+    thread beside the level passes then holds one image's tensors): each batch and its
+    recorded outputs split alike, so every layer's error is the one whole batches give."""
+    import onnx_dwd.decompose as decompose_module
+    import onnx_dwd.heldout as heldout_module
+    rng = np.random.default_rng(3)
+    model = three_conv_model(rng)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    onnx.save(model, tmp_path / "m.onnx")
+    images = correlated_feeds(rng, 20)
+    batches = [{"x": np.concatenate([f["x"] for f in images[i:i + 2]])} for i in range(0, 20, 2)]
+    monkeypatch.setattr(heldout_module, "HELD_OUT_STEP_BYTES", 1)  # a step per layer: two run in the thread
+    pieces = []
+    split = heldout_module.OneImageEach.__call__
+    monkeypatch.setattr(heldout_module.OneImageEach, "__call__",
+                        lambda self: (pieces.append(len(f["x"])) or f for f in split(self)))
+    # positions sampled, so the recorded positions are split too
+    config = OptimizeConfig(method="refit", rank=1, positions_per_image=5, measure_latency=False)
+    split_up = optimize(tmp_path / "m.onnx", tmp_path / "a.onnx", config, calibration=batches)
+    assert pieces and set(pieces) == {1}  # the held-out batches went in as single images
+    monkeypatch.setattr(decompose_module, "any_batch_size", lambda model: False)
+    whole = optimize(tmp_path / "m.onnx", tmp_path / "b.onnx", config, calibration=batches)
+    for a, b in zip(split_up["layers"], whole["layers"]):
+        assert a["rel_error"] == pytest.approx(b["rel_error"], rel=1e-5), a["name"]
+    assert split_up["model"]["validation"] == whole["model"]["validation"]
+
+
+def test_any_batch_size_reads_the_first_dimension_of_every_graph_input():
+    from onnx_dwd.heldout import any_batch_size
+    rng = np.random.default_rng(0)
+    model = three_conv_model(rng)  # x [1, 4, 8, 8]: one image a run is what it takes anyway
+    assert any_batch_size(model)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    assert not any_batch_size(model)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    assert any_batch_size(model)
+
+
+def test_an_error_in_a_held_out_step_beside_the_fit_stops_the_run_and_writes_nothing(e2e, monkeypatch):
+    """The held-out steps but the last run in a thread while later levels are fitted: an error
+    there is raised by the run (not lost, no hang), and no model is written."""
+    import threading
+
+    import onnx_dwd.heldout as heldout_module
+    monkeypatch.setattr(heldout_module, "HELD_OUT_STEP_BYTES", 1)  # a step per layer: two run in the thread
+    real = Capture.add_residuals
+    threads = []
+
+    def add_residuals(self, *args):
+        threads.append(threading.current_thread().name)
+        if threads[-1] == "onnx-dwd-held-out":
+            raise RuntimeError("disk full in the held-out step")
+        return real(self, *args)
+    monkeypatch.setattr(Capture, "add_residuals", add_residuals)
+    folder, feeds = e2e
+    config = OptimizeConfig(method="refit", rank=1, measure_latency=False)
+    with pytest.raises(RuntimeError, match="disk full in the held-out step"):
+        optimize(folder / "m.onnx", folder / "held_out_error.onnx", config, calibration=feeds)
+    assert "onnx-dwd-held-out" in threads
+    assert not (folder / "held_out_error.onnx").exists()
 
 
 @pytest.mark.parametrize("inter_layer", [True, False])
