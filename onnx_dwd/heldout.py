@@ -81,7 +81,9 @@ def _images(batch: Dict[str, np.ndarray]) -> int:
     """The batch's image count, when every array has it as its first dimension (else 1: the
     batch stays whole)."""
     sizes = {v.shape[0] if getattr(v, "ndim", 0) else None for v in batch.values()}
-    return sizes.pop() or 1 if len(sizes) == 1 and None not in sizes else 1
+    if len(sizes) != 1 or None in sizes:
+        return 1
+    return max(sizes.pop(), 1)
 
 
 class OneImageEach:
