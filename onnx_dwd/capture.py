@@ -159,6 +159,10 @@ class Sampled:
     y: np.ndarray
     positions: Optional[np.ndarray]
 
+    def images(self, index) -> "Sampled":
+        """The images at index (an index array or a slice) of the batch."""
+        return Sampled(self.y[index], None if self.positions is None else self.positions[index])
+
 
 class Capture:
     """Accumulates LayerStats per spec from captured tensors, a batch at a time:
@@ -261,8 +265,7 @@ class Capture:
                 self._accumulate(inputs, sampled, add, add_maps)
             elif len(rows):
                 self._accumulate({k: v[rows] for k, v in inputs.items()},
-                                 {k: Sampled(s.y[rows], None if s.positions is None else s.positions[rows])
-                                  for k, s in sampled.items()}, add, add_maps)
+                                 {k: s.images(rows) for k, s in sampled.items()}, add, add_maps)
 
     def add_residuals(self, inputs: Dict[str, np.ndarray], sampled: Dict[str, Sampled],
                       sums: Dict[str, ResidualSums]) -> None:

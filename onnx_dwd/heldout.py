@@ -119,9 +119,8 @@ def _paired_in_pieces(outputs: Iterator[Dict[str, Sampled]], inputs, pieces: Lis
                 raise RuntimeError("internal: the held-out stream has more pieces than the recording")
             count = pieces[batches]
             batches += 1
-            pending = [batch] if count == 1 else [
-                {name: Sampled(s.y[i:i + 1], None if s.positions is None else s.positions[i:i + 1])
-                 for name, s in batch.items()} for i in range(count)]
+            pending = [batch] if count == 1 else [{name: s.images(slice(i, i + 1)) for name, s in batch.items()}
+                                                   for i in range(count)]
         yield xs, pending.pop(0)
     if pending or next(outputs, None) is not None:
         raise RuntimeError("internal: the held-out stream has fewer pieces than the recording")
