@@ -147,17 +147,22 @@ class Lineage:
         self.saved = 0  # files written so far: each file's own number
         self.ended = False
 
-    def step(self, model: onnx.ModelProto, targets: Sequence[str], keep: bool = True
-             ) -> Iterator[Dict[str, np.ndarray]]:
+    def step(self, model: onnx.ModelProto, targets: Sequence[str], keep: bool = True,
+             joined: Optional[List[int]] = None) -> Iterator[Dict[str, np.ndarray]]:
         """Yield, per batch, the targets' values; run only nodes no earlier step ran.
 
         keep=False: the last step; nothing is saved for later steps. The
         generator must be run to the end for the lineage to advance.
+        joined (the last step only): run consecutive batches together, joined[b]
+        of them for the b-th run (concatenated along the first axis), and yield
+        per run: the pieces of OneImageEach's batches made whole again.
         """
         if self.ended:
             raise RuntimeError("internal: the lineage's last step has run")
         if keep and self.workdir is None:
             raise RuntimeError("internal: a lineage that keeps its frontier needs a workdir")
+        if keep and joined is not None:
+            raise RuntimeError("internal: only a lineage's last step joins its batches")
         graph = model.graph
         first = self.computed is None
         if first:
@@ -183,19 +188,22 @@ class Lineage:
         types = {}
         writer = FileWriter()
         try:
-            for index, values in enumerate(self._load(reads)):
+            loaded = enumerate(self._load(reads))
+            for index, values in loaded if joined is None else self._joined(loaded, joined, writer):
                 if session is not None:
                     (outs,) = run_batches(session, [{n: values[n] for n in segment.inputs}], run, what=self.what)
                     values.update(zip(run, outs))
-                if first:
-                    self.kept.append({})
-                kept = self.kept[index]  # updated in place: a tensor still in the frontier stays on disk
-                for name in [n for n in kept if n not in frontier]:
-                    writer.submit(kept.pop(name).path.unlink)
-                for name in joining:
-                    self.saved += 1
-                    kept[name] = RawArray.of(values[name], self.workdir / f"{self.tag}-{index:06d}-{self.saved:08d}.bin")
-                    writer.submit(kept[name].write, values[name])
+                if joined is None:
+                    if first:
+                        self.kept.append({})
+                    kept = self.kept[index]  # updated in place: a tensor still in the frontier stays on disk
+                    for name in [n for n in kept if n not in frontier]:
+                        writer.submit(kept.pop(name).path.unlink)
+                    for name in joining:
+                        self.saved += 1
+                        kept[name] = RawArray.of(values[name],
+                                                 self.workdir / f"{self.tag}-{index:06d}-{self.saved:08d}.bin")
+                        writer.submit(kept[name].write, values[name])
                 if not types:
                     types = {n: onnx.helper.np_dtype_to_tensor_dtype(values[n].dtype) for n in run}
                 yield {t: values[t] for t in targets}
@@ -206,6 +214,26 @@ class Lineage:
         self.types.update(types)
         self.steps += 1
         self.ended = not keep
+
+    def _joined(self, loaded: Iterable, counts: List[int], writer: FileWriter) -> Iterator:
+        """(run index, values) of loaded's (index, values) joined counts[b] at a time for run b;
+        each batch's kept files go as it is read (the step that joins is the last)."""
+        pending: List[Dict[str, np.ndarray]] = []
+        runs = 0
+        for index, values in loaded:
+            if index < len(self.kept):
+                for array in self.kept[index].values():
+                    writer.submit(array.path.unlink)
+                self.kept[index] = {}
+            pending.append(values)
+            if len(pending) < counts[runs]:
+                continue
+            yield runs, pending[0] if len(pending) == 1 else {
+                name: np.concatenate([p[name] for p in pending]) for name in pending[0]}
+            pending = []
+            runs += 1
+        if pending:
+            raise RuntimeError(f"internal: {self.what}: the last of {runs + 1} joined runs stopped short")
 
     def _load(self, names: Sequence[str]) -> Iterator[Dict[str, np.ndarray]]:
         if self.steps == 0:

@@ -490,6 +490,7 @@ def test_held_out_steps_one_image_at_a_time_give_the_batches_errors(tmp_path, mo
     recorded outputs split alike, so every layer's error is the one whole batches give."""
     import onnx_dwd.decompose as decompose_module
     import onnx_dwd.heldout as heldout_module
+    import onnx_dwd.segments as segments_module
     rng = np.random.default_rng(3)
     model = three_conv_model(rng)
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
@@ -501,10 +502,16 @@ def test_held_out_steps_one_image_at_a_time_give_the_batches_errors(tmp_path, mo
     split = heldout_module.OneImageEach.__call__
     monkeypatch.setattr(heldout_module.OneImageEach, "__call__",
                         lambda self: (pieces.append(len(f["x"])) or f for f in split(self)))
+    joined = []  # images per run of the last step, which runs whole batches again
+    join = segments_module.Lineage._joined
+    monkeypatch.setattr(segments_module.Lineage, "_joined",
+                        lambda self, *a: ((joined.append(len(next(iter(v.values())))) or (i, v))
+                                          for i, v in join(self, *a)))
     # positions sampled, so the recorded positions are split too
     config = OptimizeConfig(method="refit", rank=1, positions_per_image=5, measure_latency=False)
     split_up = optimize(tmp_path / "m.onnx", tmp_path / "a.onnx", config, calibration=batches)
     assert pieces and set(pieces) == {1}  # the held-out batches went in as single images
+    assert joined == [2, 2]  # the held-out part's two batches, whole in the last step
     monkeypatch.setattr(decompose_module, "any_batch_size", lambda model: False)
     whole = optimize(tmp_path / "m.onnx", tmp_path / "b.onnx", config, calibration=batches)
     for a, b in zip(split_up["layers"], whole["layers"]):

@@ -68,6 +68,34 @@ def test_steps_equal_the_whole_model_and_keep_only_what_later_nodes_read(rng, fe
         next(lineage.step(model, ["y"]))
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_joined_last_step_runs_consecutive_batches_together(rng, tmp_path, steps):
+    """joined: the last step runs joined[b] batches at a time (pieces of a batch made whole
+    again), yields per run, and deletes every batch's kept files."""
+    model = skip_model(rng)
+    pieces = [{"x": rng.standard_normal((1, 2, 6, 6)).astype(np.float32)} for _ in range(5)]
+    lineage = Lineage(lambda: pieces, tmp_path, "t")
+    if steps == 2:
+        list(lineage.step(model, ["c1"]))
+        assert list(tmp_path.iterdir())
+    runs = list(lineage.step(model, ["y", "x"], keep=False, joined=[2, 3]))
+    assert [len(r["y"]) for r in runs] == [2, 3]
+    assert list(tmp_path.iterdir()) == []
+    for run_values, batch in zip(runs, (pieces[:2], pieces[2:])):
+        x = np.concatenate([p["x"] for p in batch])
+        np.testing.assert_array_equal(run_values["x"], x)
+        np.testing.assert_allclose(run_values["y"], full(model, {"x": x}, ["y"])["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_joined_step_that_keeps_its_frontier_or_stops_short_is_a_bug(rng, tmp_path):
+    model = skip_model(rng)
+    pieces = [{"x": rng.standard_normal((1, 2, 6, 6)).astype(np.float32)} for _ in range(3)]
+    with pytest.raises(RuntimeError, match="last step"):
+        next(Lineage(lambda: pieces, tmp_path, "t").step(model, ["c1"], joined=[3]))
+    with pytest.raises(RuntimeError, match="stopped short"):
+        list(Lineage(lambda: pieces, tmp_path, "t").step(model, ["y"], keep=False, joined=[2, 2]))
+
+
 @pytest.mark.parametrize("later", [1, 5])
 def test_feeds_that_change_their_batch_count_between_steps_are_an_error(rng, tmp_path, later):
     """Later steps read the graph inputs from the feeds again, in step with the files."""
