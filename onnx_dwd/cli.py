@@ -16,8 +16,8 @@ from . import __version__
 from .api import optimize as run_optimize
 from .decompose import no_progress
 from .calib import Preprocess
-from .config import (DEFAULT_MAX_ERROR, DEFAULT_POSITION_BUDGET, GRAPH_FORMS, METHODS, REFIT_VARIANT_CHOICES,
-                     RUNTIME_LEVELS, OptimizeConfig, parse_input_shape)
+from .config import (DEFAULT_MAX_ERROR, DEFAULT_POSITION_BUDGET, GRAPH_FORMS, METHODS, REFIT_SWEEPS,
+                     REFIT_VARIANT_CHOICES, RUNTIME_LEVELS, OptimizeConfig, parse_input_shape)
 from .errors import DwdError
 from .report import render_table
 
@@ -72,6 +72,9 @@ def optimize_options(fn):
                      help="refit only: sweeps+ls runs every step (the paper's Algorithm 2, extra sweeps, "
                           "least-squares pointwise weights); alg2 / sweeps stop earlier; auto picks per layer "
                           "on every 4th fit image (less prone to overfit tiny calibration sets)."),
+        click.option("--refit-sweeps", type=click.IntRange(min=0), default=REFIT_SWEEPS, show_default=True,
+                     help="refit only: block-coordinate sweeps over the channels after Algorithm 2. Fewer "
+                          "fit faster; benchmarks/RESULTS.md (section 5, run 15) compares their accuracy."),
         click.option("--graph-form", type=click.Choice(GRAPH_FORMS), default="auto", show_default=True,
                      help="Graph form of the depthwise stage for K > 1 (auto = fastest measured in onnxruntime)."),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",

@@ -8,6 +8,7 @@ from typing import Mapping, Optional, Tuple
 
 from .calib import Preprocess
 from .errors import OptionError
+from .fit.data import REFIT_SWEEPS
 from .runtimes.base import parse_runtimes
 
 #: Fitting methods (see fit/): refit (ours, the default with calibration data),
@@ -80,6 +81,9 @@ class OptimizeConfig:
     refit_variant: for method refit: "sweeps+ls" (the default) runs every
         step; "auto" picks per layer on every 4th fit image (see fit/data.py
         refit); "alg2" / "sweeps" stop earlier. benchmarks/RESULTS.md compares.
+    refit_sweeps: for method refit: block-coordinate sweeps over the channels
+        after Algorithm 2 (the "sweeps" steps). Fewer fit faster;
+        benchmarks/RESULTS.md (section 5, run 15) compares their accuracy.
     graph_form: graph form of the depthwise stage for K > 1, one of GRAPH_FORMS.
     input_shapes: fixed shapes for dynamic graph inputs, used for validation
         and MAC counts; the written model keeps its dynamic dimensions.
@@ -114,6 +118,7 @@ class OptimizeConfig:
     method: Optional[str] = None
     inter_layer: bool = True
     refit_variant: str = "sweeps+ls"
+    refit_sweeps: int = REFIT_SWEEPS
     graph_form: str = "auto"
     input_shapes: Mapping[str, Tuple[int, ...]] = dataclasses.field(default_factory=dict)
     calib: Optional[Path] = None
@@ -157,6 +162,8 @@ class OptimizeConfig:
         if self.refit_variant not in REFIT_VARIANT_CHOICES:
             raise OptionError(f"--refit-variant {self.refit_variant!r} is not known; "
                               f"choose one of {', '.join(REFIT_VARIANT_CHOICES)}")
+        if isinstance(self.refit_sweeps, bool) or not isinstance(self.refit_sweeps, int) or self.refit_sweeps < 0:
+            raise OptionError(f"--refit-sweeps must be 0 or a positive integer, got {self.refit_sweeps!r}")
         if self.graph_form not in GRAPH_FORMS:
             raise OptionError(
                 f"--graph-form {self.graph_form!r} is not known; choose one of {', '.join(GRAPH_FORMS)}"

@@ -86,7 +86,8 @@ def _fit_and_replace(graph, layer, entry, method, rank, graph_form, config, name
             dec = network_decoupling(layer.weight, rank, layer.group)
         elif method == "refit":
             fixed = None if config.refit_variant == "auto" else config.refit_variant
-            dec = refit(layer.weight, fit_stats, rank, validation=val_stats, variant=fixed)
+            dec = refit(layer.weight, fit_stats, rank, validation=val_stats, variant=fixed,
+                        sweeps=config.refit_sweeps)
             entry["refit_variant"] = dec.detail
         else:
             dec = _DATA_FITS[method](layer.weight, fit_stats, rank)

@@ -130,7 +130,7 @@ def test_every_cli_option_reaches_the_config(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "run_optimize", lambda i, o, config, progress: seen.setdefault("config", config) and {})
     monkeypatch.setattr(cli, "render_table", lambda report: "")
     values = {"--rank": ("3", 3), "--method": ("dwd", "dwd"), "--graph-form": ("concat-input", "concat-input"),
-              "--no-inter-layer": (None, False), "--refit-variant": ("auto", "auto"), "--holdout": ("0.3", 0.3), "--max-images": ("9", 9),
+              "--no-inter-layer": (None, False), "--refit-variant": ("auto", "auto"), "--refit-sweeps": ("1", 1), "--holdout": ("0.3", 0.3), "--max-images": ("9", 9),
               "--positions-per-image": ("11", 11), "--position-budget": ("8", 8.0), "--resize": ("256", 256), "--scale": ("1", 1.0),
               "--mean": ("1,2,3", (1.0, 2.0, 3.0)), "--std": ("4,5,6", (4.0, 5.0, 6.0)),
               "--channel-order": ("bgr", "bgr"), "--layout": ("nhwc", "nhwc"),
@@ -155,7 +155,7 @@ def test_every_cli_option_reaches_the_config(monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     config = seen["config"]
     fields = {"--rank": "rank", "--method": "method", "--graph-form": "graph_form", "--input-shape": "input_shapes",
-              "--no-inter-layer": "inter_layer", "--refit-variant": "refit_variant", "--holdout": "holdout", "--max-images": "max_images",
+              "--no-inter-layer": "inter_layer", "--refit-variant": "refit_variant", "--refit-sweeps": "refit_sweeps", "--holdout": "holdout", "--max-images": "max_images",
               "--positions-per-image": "positions_per_image", "--position-budget": "position_budget",
               "--resize": "preprocess.resize",
               "--scale": "preprocess.scale", "--mean": "preprocess.mean", "--std": "preprocess.std",

@@ -622,3 +622,19 @@ def test_position_budget_must_be_zero_or_positive(value):
     with pytest.raises(DwdError, match="--position-budget must be 0"):
         OptimizeConfig(position_budget=value)
     assert OptimizeConfig(position_budget=0).position_budget == 0
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_refit_sweeps_must_be_a_whole_number_of_sweeps(value):
+    with pytest.raises(DwdError, match="--refit-sweeps must be 0 or a positive integer"):
+        OptimizeConfig(refit_sweeps=value)
+
+
+def test_refit_sweeps_reach_the_fit_and_the_report(e2e, reports):
+    """--refit-sweeps 0 fits each layer as Algorithm 2 plus least squares: other layer errors
+    than the default's three sweeps, and the report says which ran."""
+    folder, feeds = e2e
+    config = OptimizeConfig(method="refit", rank=1, measure_latency=False, refit_sweeps=0)
+    report = optimize(folder / "m.onnx", folder / "sweeps0.onnx", config, calibration=feeds)
+    assert report["config"]["refit_sweeps"] == 0 and reports["refit"]["config"]["refit_sweeps"] == 3
+    assert [l["rel_error"] for l in report["layers"]] != [l["rel_error"] for l in reports["refit"]["layers"]]

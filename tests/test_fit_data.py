@@ -206,6 +206,21 @@ def test_refit_picks_the_variant_that_validates_best(rng):
     assert refit(w, big_train, 1, validation=big_val).detail == "sweeps+ls"
 
 
+def test_refit_sweeps_sets_how_far_the_sweeps_go(rng):
+    """sweeps=0 is Algorithm 2 itself (plus least squares in sweeps+ls); each further sweep
+    fits the statistics at least as well; a negative count is refused."""
+    w = rng.standard_normal((12, 8, 3, 3))
+    st = stats_for(w, rng.standard_normal(12), rng.standard_normal((300, 72)) @ rng.standard_normal((72, 72)))
+    plain, paper = refit(w, st, 1, variant="sweeps", sweeps=0), dwd_comp(w, st, 1)
+    for field in ("depthwise", "pointwise", "bias"):
+        assert np.array_equal(getattr(plain, field), getattr(paper, field)), field
+    errors = [error_of(st, refit(w, st, 1, sweeps=s)) for s in (0, 1, 3)]
+    assert errors[0] > errors[1] > errors[2]
+    assert error_of(st, refit(w, st, 1)) == errors[2]  # 3 by default
+    with pytest.raises(ValueError, match="sweeps >= 0"):
+        refit(w, st, 1, sweeps=-1)
+
+
 @pytest.mark.parametrize("group", [1, 2])
 def test_refit_variants_from_one_run_of_sweeps_equal_each_fitted_alone(rng, group):
     """The variants are snapshots of one run of sweeps: a later sweep must not change an

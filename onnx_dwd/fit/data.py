@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -273,9 +273,13 @@ def dwd_comp(weight: np.ndarray, stats: LayerStats, rank: int) -> Decomposition:
     return _finish(weight, out, groups)
 
 
-#: refit's variants, from the paper's algorithm to the full joint solve:
-#: (extra block-coordinate sweeps, least-squares pointwise weights).
-REFIT_VARIANTS = {"alg2": (0, False), "sweeps": (REFIT_SWEEPS, False), "sweeps+ls": (REFIT_SWEEPS, True)}
+def refit_variants(sweeps: int = REFIT_SWEEPS) -> Dict[str, Tuple[int, bool]]:
+    """refit's variants, from the paper's algorithm to the full joint solve:
+    (extra block-coordinate sweeps, least-squares pointwise weights)."""
+    return {"alg2": (0, False), "sweeps": (sweeps, False), "sweeps+ls": (sweeps, True)}
+
+
+REFIT_VARIANTS = refit_variants()
 
 
 def _refit_variant(weight: np.ndarray, stats: LayerStats, k: int, sweeps: int, least_squares: bool) -> Decomposition:
@@ -321,28 +325,31 @@ def _pointwise_least_squares(sweeps: _Sweeps) -> np.ndarray:
 
 
 def refit(weight: np.ndarray, stats: LayerStats, rank: int, validation: Optional[LayerStats] = None,
-          variant: Optional[str] = None) -> Decomposition:
-    """Ours: Algorithm 2, then block-coordinate passes over all channels on the full
-    residual, then the exact least-squares pointwise weights P given the depthwise D
+          variant: Optional[str] = None, sweeps: int = REFIT_SWEEPS) -> Decomposition:
+    """Ours: Algorithm 2, then `sweeps` block-coordinate passes over all channels on the
+    full residual, then the exact least-squares pointwise weights P given the depthwise D
     (each output's mix of all c*K depthwise channels).
 
     The later steps fit more freely and can overfit when the statistics hold
     few positions per patch dimension (deep 7x7 layers, few images). With
-    `validation` (statistics of other images), each variant in REFIT_VARIANTS
+    `validation` (statistics of other images), each variant in refit_variants
     is fitted on `stats`, scored on `validation`, and the best is refitted on
     both; without it, `variant` (default "sweeps+ls") is used. The chosen
     variant is in the result's `detail`.
     """
+    if sweeps < 0:
+        raise ValueError(f"refit needs sweeps >= 0, got {sweeps}")
+    variants = refit_variants(sweeps)
     k = _effective_rank(weight, rank, stats)
     if validation is None or not validation.count:
         name = variant or "sweeps+ls"
-        return dataclasses.replace(_refit_variant(weight, stats, k, *REFIT_VARIANTS[name]), detail=name)
-    fitted = _refit_variants(weight, stats, k, list(REFIT_VARIANTS.values()))
+        return dataclasses.replace(_refit_variant(weight, stats, k, *variants[name]), detail=name)
+    fitted = _refit_variants(weight, stats, k, list(variants.values()))
     scores = {name: decomposed_relative_error(validation, dec.depthwise, dec.pointwise, dec.rank, dec.bias)
-              for name, dec in zip(REFIT_VARIANTS, fitted)}
+              for name, dec in zip(variants, fitted)}
     best = min(scores, key=scores.get)
     merged = stats.merge(validation)
-    return dataclasses.replace(_refit_variant(weight, merged, k, *REFIT_VARIANTS[best]), detail=best)
+    return dataclasses.replace(_refit_variant(weight, merged, k, *variants[best]), detail=best)
 
 
 @dataclasses.dataclass(frozen=True)
