@@ -73,8 +73,9 @@ def optimize_options(fn):
                           "least-squares pointwise weights); alg2 / sweeps stop earlier; auto picks per layer "
                           "on every 4th fit image (less prone to overfit tiny calibration sets)."),
         click.option("--refit-sweeps", type=click.IntRange(min=0), default=REFIT_SWEEPS, show_default=True,
-                     help="refit only: block-coordinate sweeps over the channels after Algorithm 2. Fewer "
-                          "fit faster; benchmarks/RESULTS.md (section 5, run 15) compares their accuracy."),
+                     help="refit only (not --refit-variant alg2): block-coordinate sweeps over the channels "
+                          "after Algorithm 2. Fewer fit faster; benchmarks/RESULTS.md (section 5, run 15) "
+                          "compares their accuracy."),
         click.option("--graph-form", type=click.Choice(GRAPH_FORMS), default="auto", show_default=True,
                      help="Graph form of the depthwise stage for K > 1 (auto = fastest measured in onnxruntime)."),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",

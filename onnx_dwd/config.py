@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from pathlib import Path
 from typing import Mapping, Optional, Tuple
 
@@ -82,7 +83,8 @@ class OptimizeConfig:
         step; "auto" picks per layer on every 4th fit image (see fit/data.py
         refit); "alg2" / "sweeps" stop earlier. benchmarks/RESULTS.md compares.
     refit_sweeps: for method refit: block-coordinate sweeps over the channels
-        after Algorithm 2 (the "sweeps" steps). Fewer fit faster;
+        after Algorithm 2 (the "sweeps" steps; refit_variant "alg2" runs
+        none). Fewer fit faster;
         benchmarks/RESULTS.md (section 5, run 15) compares their accuracy.
     graph_form: graph form of the depthwise stage for K > 1, one of GRAPH_FORMS.
     input_shapes: fixed shapes for dynamic graph inputs, used for validation
@@ -162,8 +164,10 @@ class OptimizeConfig:
         if self.refit_variant not in REFIT_VARIANT_CHOICES:
             raise OptionError(f"--refit-variant {self.refit_variant!r} is not known; "
                               f"choose one of {', '.join(REFIT_VARIANT_CHOICES)}")
-        if isinstance(self.refit_sweeps, bool) or not isinstance(self.refit_sweeps, int) or self.refit_sweeps < 0:
+        if isinstance(self.refit_sweeps, bool) or not isinstance(self.refit_sweeps, numbers.Integral) \
+                or self.refit_sweeps < 0:
             raise OptionError(f"--refit-sweeps must be 0 or a positive integer, got {self.refit_sweeps!r}")
+        object.__setattr__(self, "refit_sweeps", int(self.refit_sweeps))  # a numpy integer too, for the report
         if self.graph_form not in GRAPH_FORMS:
             raise OptionError(
                 f"--graph-form {self.graph_form!r} is not known; choose one of {', '.join(GRAPH_FORMS)}"

@@ -15,9 +15,10 @@ the level passes and fits leave idle; finish() runs the rest itself. Where
 the model takes any batch size, the steps run one image at a time, so the
 thread adds one image's tensors to the level pass beside it, not a batch's
 (YOLOv8n, 1024 images: batches of 8 raised the run's peak from 505 to 573 MB;
-one image at a time it stayed at 494-518 MB). The last step, in the
-foreground with nothing beside it, runs the batches whole again (its Lineage
-step joins the pieces): image by image it took 1.27-2.04 s, whole 1.15-1.29 s.
+one image at a time it stayed at 494-518 MB). The last step runs in the
+foreground after the last level, with no level pass beside it, so it runs the
+batches whole again (its Lineage step joins the pieces): image by image it
+took 1.27-2.04 s, whole 1.15-1.29 s.
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ class HeldOutErrors:
 
     specs: every candidate, in level order; feeds: the held-out part's batches; store: the
     original's outputs over them; delete: let each replay delete the store's files (not
-    when the store is shared between models); per_image: run one image at a time (the
-    model takes any batch size). Call released() after each level, finish() after the
+    when the store is shared between models); per_image: run the steps but the last one
+    image at a time (the model takes any batch size). Call released() after each level, finish() after the
     last, close() always.
     """
 
@@ -180,7 +181,7 @@ class HeldOutErrors:
         step = self.steps[index]
         last = index == len(self.steps) - 1
         outputs = self.store.replay([s.name for s in step], delete=self.delete)
-        # the last step runs in the foreground, with nothing beside it: whole batches again
+        # the last step runs in the foreground after the last level: whole batches again
         whole = self.images is None or last
         stream = self.lineage.step(model, input_names(step), keep=not last,
                                    joined=self.images.pieces if self.images is not None and last else None)

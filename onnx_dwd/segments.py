@@ -225,6 +225,8 @@ class Lineage:
                 for array in self.kept[index].values():
                     writer.submit(array.path.unlink)
                 self.kept[index] = {}
+            if runs >= len(counts) or counts[runs] < 1:
+                raise RuntimeError(f"internal: {self.what}: no piece count for joined run {runs + 1}")
             pending.append(values)
             if len(pending) < counts[runs]:
                 continue

@@ -628,6 +628,8 @@ def test_position_budget_must_be_zero_or_positive(value):
 def test_refit_sweeps_must_be_a_whole_number_of_sweeps(value):
     with pytest.raises(DwdError, match="--refit-sweeps must be 0 or a positive integer"):
         OptimizeConfig(refit_sweeps=value)
+    config = OptimizeConfig(refit_sweeps=np.int64(2))  # from numpy, kept as a plain int for the report
+    assert config.refit_sweeps == 2 and type(config.refit_sweeps) is int
 
 
 def test_refit_sweeps_reach_the_fit_and_the_report(e2e, reports):

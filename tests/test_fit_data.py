@@ -222,6 +222,17 @@ def test_refit_sweeps_sets_how_far_the_sweeps_go(rng):
 
 
 @pytest.mark.parametrize("group", [1, 2])
+def test_refit_auto_without_extra_sweeps_scores_equal_variants_once(rng, group):
+    """sweeps=0 makes "alg2" and "sweeps" the same variant: auto still fits and picks."""
+    w = rng.standard_normal((12, 8 // group, 3, 3))
+    mix = rng.standard_normal((72, 72))
+    train = stats_for(w, None, rng.standard_normal((300, 72)) @ mix, group)
+    val = stats_for(w, None, rng.standard_normal((300, 72)) @ mix, group)
+    dec = refit(w, train, 1, validation=val, sweeps=0)
+    assert dec.detail in ("alg2", "sweeps", "sweeps+ls") and dec.depthwise.shape == (8, 1, 3, 3)
+
+
+@pytest.mark.parametrize("group", [1, 2])
 def test_refit_variants_from_one_run_of_sweeps_equal_each_fitted_alone(rng, group):
     """The variants are snapshots of one run of sweeps: a later sweep must not change an
     earlier variant's result, and the least-squares step must not change the plain one."""

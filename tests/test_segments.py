@@ -94,6 +94,8 @@ def test_a_joined_step_that_keeps_its_frontier_or_stops_short_is_a_bug(rng, tmp_
         next(Lineage(lambda: pieces, tmp_path, "t").step(model, ["c1"], joined=[3]))
     with pytest.raises(RuntimeError, match="stopped short"):
         list(Lineage(lambda: pieces, tmp_path, "t").step(model, ["y"], keep=False, joined=[2, 2]))
+    with pytest.raises(RuntimeError, match="no piece count for joined run 2"):
+        list(Lineage(lambda: pieces, tmp_path, "t").step(model, ["y"], keep=False, joined=[2]))
 
 
 @pytest.mark.parametrize("later", [1, 5])

@@ -290,16 +290,17 @@ def _refit_variant(weight: np.ndarray, stats: LayerStats, k: int, sweeps: int, l
 def _refit_variants(weight: np.ndarray, stats: LayerStats, k: int, variants) -> list:
     """One Decomposition per (sweeps, least_squares) in variants, from one run of sweeps:
     each variant's channels are the same sweeps stopped earlier or later, so fitting them
-    apart repeated most of the work (YOLOv8n's deep layers: 13 sweeps where 4 do)."""
+    apart repeated most of the work (YOLOv8n's deep layers: 13 sweeps where 4 do). Equal
+    variants (alg2 and sweeps with no extra sweeps) are fitted once."""
     stops = sorted({s for s, _ in variants})
-    per_variant = {v: [] for v in variants}
+    per_variant = {v: [] for v in variants}  # each distinct variant once
     groups = list(_groups(weight, stats))
     for grp in groups:
         sweeps = _Sweeps(grp, k)
         for stop in stops:
             while sweeps.done < 1 + stop:  # the first sweep is Algorithm 2; stop counts the extra ones
                 sweeps.sweep()
-            for v in variants:
+            for v in per_variant:
                 if v[0] == stop:
                     p = _pointwise_least_squares(sweeps) if v[1] else sweeps.p.copy()
                     per_variant[v].append((p, sweeps.d.copy()))
