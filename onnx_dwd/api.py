@@ -131,8 +131,8 @@ def _optimize(input_path, output_path, config, original, specs, calib, progress,
                    "budget": dict([config.budget]) if config.selects else None,
                    "runtime": config.runtime, "level": config.level, "threads": config.threads,
                    "refit_variant": config.refit_variant if result.method == "refit" else None,
-                   "refit_sweeps": config.refit_sweeps if result.method == "refit" and config.refit_variant != "alg2"
-                   else None,
+                   "refit_sweeps": (config.refit_sweeps if result.method == "refit"
+                                    and config.refit_variant != "alg2" else None),
                    "inter_layer": result.inter_layer,
                    "input_shapes": {k: list(v) for k, v in config.input_shapes.items()},
                    "calib": calib.description if calib else None, "holdout": config.holdout,

@@ -135,8 +135,8 @@ class HeldOutErrors:
     specs: every candidate, in level order; feeds: the held-out part's batches; store: the
     original's outputs over them; delete: let each replay delete the store's files (not
     when the store is shared between models); per_image: run the steps but the last one
-    image at a time (the model takes any batch size). Call released() after each level, finish() after the
-    last, close() always.
+    image at a time (the model takes any batch size). Call released() after each level,
+    finish() after the last, close() always.
     """
 
     def __init__(self, feeds, store: ReferenceOutputs, specs: List[CaptureSpec], entries: Dict[str, Dict],
