@@ -181,13 +181,12 @@ class HeldOutErrors:
         step = self.steps[index]
         last = index == len(self.steps) - 1
         outputs = self.store.replay([s.name for s in step], delete=self.delete)
+        pieces = self.images.pieces if self.images is not None else None
         # the last step runs in the foreground after the last level: whole batches again
-        whole = self.images is None or last
-        stream = self.lineage.step(model, input_names(step), keep=not last,
-                                   joined=self.images.pieces if self.images is not None and last else None)
+        stream = self.lineage.step(model, input_names(step), keep=not last, joined=pieces if last else None)
         if background:
             stream = in_background(stream)
-        batches = paired(outputs, stream) if whole else _paired_in_pieces(outputs, stream, self.images.pieces)
+        batches = paired(outputs, stream) if pieces is None or last else _paired_in_pieces(outputs, stream, pieces)
         capture = Capture(step)  # positions come from the recording
 
         def add(xs, ys):

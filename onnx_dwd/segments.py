@@ -196,9 +196,8 @@ class Lineage:
                 if joined is None:
                     if first:
                         self.kept.append({})
+                    self._release(index, frontier, writer)
                     kept = self.kept[index]  # updated in place: a tensor still in the frontier stays on disk
-                    for name in [n for n in kept if n not in frontier]:
-                        writer.submit(kept.pop(name).path.unlink)
                     for name in joining:
                         self.saved += 1
                         kept[name] = RawArray.of(values[name],
@@ -215,6 +214,12 @@ class Lineage:
         self.steps += 1
         self.ended = not keep
 
+    def _release(self, index: int, frontier: Sequence[str], writer: FileWriter) -> None:
+        """Delete batch index's files of the kept tensors that are not in frontier."""
+        kept = self.kept[index]
+        for name in [n for n in kept if n not in frontier]:
+            writer.submit(kept.pop(name).path.unlink)
+
     def _joined(self, loaded: Iterable, counts: List[int], writer: FileWriter) -> Iterator:
         """(run index, values) of loaded's (index, values) joined counts[b] at a time for run b;
         each batch's kept files go as it is read (the step that joins is the last)."""
@@ -222,9 +227,7 @@ class Lineage:
         runs = 0
         for index, values in loaded:
             if index < len(self.kept):
-                for array in self.kept[index].values():
-                    writer.submit(array.path.unlink)
-                self.kept[index] = {}
+                self._release(index, [], writer)
             if runs >= len(counts) or counts[runs] < 1:
                 raise RuntimeError(f"internal: {self.what}: no piece count for joined run {runs + 1}")
             pending.append(values)
