@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .fit.stats import BUFFER_BYTES, CHUNK_ROWS, LayerStats, ResidualSums, StatsBuffer, add_shifted, conv_pads, im2col, \
+from .fit.stats import BUFFER_BYTES, LayerStats, MapBuffer, ResidualSums, StatsBuffer, conv_pads, im2col, \
     sampled_patches, shift_structured
 from .runtimes import make_session, run_batches
 from .segments import Feeds, Lineage
@@ -179,8 +179,8 @@ class Capture:
     positions, so their patches are formed once and their statistics share
     one x x^T per block.
 
-    Positions are added to the statistics in blocks (StatsBuffer): call
-    flush() before reading any of them.
+    Positions are added to the statistics in blocks (StatsBuffer; whole maps for shifted
+    products, MapBuffer): call flush() before reading any of them.
     """
 
     def __init__(self, specs: Sequence[CaptureSpec], positions_per_image: Optional[int] = None, seed: int = 0,
@@ -194,7 +194,8 @@ class Capture:
                 self.limits[s.name] = min(share, positions_per_image or share)
         self.rng = np.random.default_rng(seed)
         self.images = 0
-        self.buffers: Dict[tuple, StatsBuffer] = {}  # by the ids of its LayerStats (each buffer holds them)
+        # by the ids of its LayerStats (each buffer holds them); "maps" first for a MapBuffer
+        self.buffers: Dict[tuple, object] = {}
         # fit and validation statistics per spec share the buffer memory
         self.buffer_bytes = int(np.clip(BUFFERS_BYTES // max(2 * len(self.specs), 1), 2**20, BUFFER_BYTES))
 
@@ -213,6 +214,13 @@ class Capture:
         buffer = self.buffers.get(key)
         if buffer is None:
             buffer = self.buffers[key] = StatsBuffer(stats, self.buffer_bytes)
+        return buffer
+
+    def _map_buffer(self, stats: Sequence[LayerStats], spec: CaptureSpec, in_hw) -> MapBuffer:
+        key = ("maps",) + tuple(id(st) for st in stats)
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            buffer = self.buffers[key] = MapBuffer(stats, spec.kernel, spec.explicit_pads(in_hw), self.buffer_bytes)
         return buffer
 
     def sample(self, outputs: Dict[str, np.ndarray]) -> Dict[str, Sampled]:
@@ -259,8 +267,7 @@ class Capture:
                 self._buffer([target[spec.name] for spec in group]).add(patches, *outputs)
 
             def add_maps(group, x, outputs, target=target):
-                spec = group[0]
-                add_shifted([target[s.name] for s in group], x, outputs, spec.kernel, spec.explicit_pads(x.shape[2:]))
+                self._map_buffer([target[s.name] for s in group], group[0], x.shape[2:]).add(x, *outputs)
             if len(rows) == batch:  # one route takes everything: no copies
                 self._accumulate(inputs, sampled, add, add_maps)
             elif len(rows):
@@ -306,10 +313,7 @@ class Capture:
                     raise RuntimeError(f"internal: {s.name}: {len(x)} inputs but {len(y)} outputs in a batch")
             if add_maps is not None and positions is None and shift_structured(
                     spec.kernel, spec.strides, spec.dilations, spec.group, ys[0].shape[1]):
-                # images per call: about CHUNK_ROWS grid rows per partial sum, as add_shared's chunks
-                step = max(1, CHUNK_ROWS // (x.shape[2] * x.shape[3]))
-                for b in range(0, x.shape[0], step):
-                    add_maps(group, x[b:b + step], [y[b:b + step] for y in ys])
+                add_maps(group, x, ys)
                 continue
             d = x.shape[1] * spec.kernel[0] * spec.kernel[1]
             # images per im2col, bounding memory; the sampled patches are gathered directly

@@ -291,6 +291,30 @@ def test_shifted_statistics_equal_im2col_ones(rng, kernel, pads):
         np.testing.assert_allclose(got.sxx, want.sxx, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("max_bytes", [1, 3 * 4 * (4 * 42 + 36 * 7), None])
+def test_map_buffer_gives_one_calls_sums_whatever_the_batches(rng, max_bytes):
+    """Maps added in uneven batches (one image, five, two) reach the sums exactly as one
+    add_shifted over all of them: with a buffer of one image (1 byte), of three images
+    (so a batch of five straddles two flushes), and of the default size."""
+    from onnx_dwd.fit.stats import MapBuffer, add_shifted
+    kernel, pads = (3, 3), (1, 0, 1, 1)
+    x = rng.standard_normal((8, 4, 6, 7))
+    ys = [rng.standard_normal((8, 36, 5)), rng.standard_normal((8, 2, 36)).transpose(0, 2, 1)]
+    d = 4 * 9
+    buffered, direct = [LayerStats.zeros(5, d), LayerStats.zeros(2, d)], [LayerStats.zeros(5, d), LayerStats.zeros(2, d)]
+    buffer = MapBuffer(buffered, kernel, pads, max_bytes)
+    for start, stop in ((0, 1), (1, 6), (6, 8)):
+        buffer.add(x[start:stop], *(y[start:stop] for y in ys))
+    if max_bytes is None:
+        assert buffered[0].count == 0  # all eight images still in the buffer
+    buffer.flush()
+    add_shifted(direct, x, ys, kernel, pads)
+    for got, want in zip(buffered, direct):
+        assert got.count == want.count == 8 * 6 * 6
+        for field in ("sxx", "syx", "sx", "sy", "syy"):
+            np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-12, atol=1e-10, err_msg=field)
+
+
 @pytest.mark.parametrize("args", [((3, 2), (2, 1), (1, 2), (1, 0, 2, 1)), ((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
                                   ((5, 5), (2, 2), (1, 1), (2, 2, 2, 2)), ((3, 3), (1, 1), (2, 2), (2, 2, 2, 2)),
                                   ((1, 3), (1, 2), (1, 1), (0, 3, 0, 0)), ((2, 2), (2, 2), (1, 1), (0, 0, 0, 0))])
