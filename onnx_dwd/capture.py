@@ -7,7 +7,7 @@ collect.) The augmented model only ever lives in memory.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -195,7 +195,7 @@ class Capture:
         self.rng = np.random.default_rng(seed)
         self.images = 0
         # by the ids of its LayerStats (each buffer holds them); "maps" first for a MapBuffer
-        self.buffers: Dict[tuple, object] = {}
+        self.buffers: Dict[tuple, Union[StatsBuffer, MapBuffer]] = {}
         # fit and validation statistics per spec share the buffer memory
         self.buffer_bytes = int(np.clip(BUFFERS_BYTES // max(2 * len(self.specs), 1), 2**20, BUFFER_BYTES))
 

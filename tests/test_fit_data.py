@@ -292,7 +292,7 @@ def test_shifted_statistics_equal_im2col_ones(rng, kernel, pads):
 
 
 @pytest.mark.parametrize("max_bytes", [1, 3 * 4 * (4 * 42 + 36 * 7), None])
-def test_map_buffer_gives_one_calls_sums_whatever_the_batches(rng, max_bytes):
+def test_map_buffer_sums_equal_one_add_shifted_whatever_the_batches(rng, max_bytes):
     """Maps added in uneven batches (one image, five, two) reach the sums exactly as one
     add_shifted over all of them: with a buffer of one image (1 byte), of three images
     (so a batch of five straddles two flushes), and of the default size."""
