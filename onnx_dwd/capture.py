@@ -194,7 +194,7 @@ class Capture:
                 self.limits[s.name] = min(share, positions_per_image or share)
         self.rng = np.random.default_rng(seed)
         self.images = 0
-        # by the ids of its LayerStats (each buffer holds them); "maps" first for a MapBuffer
+        # by kind and the ids of its LayerStats (each buffer holds them)
         self.buffers: Dict[tuple, Union[StatsBuffer, MapBuffer]] = {}
         # fit and validation statistics per spec share the buffer memory
         self.buffer_bytes = int(np.clip(BUFFERS_BYTES // max(2 * len(self.specs), 1), 2**20, BUFFER_BYTES))
@@ -209,18 +209,12 @@ class Capture:
             buffer.flush()
         self.buffers.clear()
 
-    def _buffer(self, stats: Sequence[LayerStats]) -> StatsBuffer:
-        key = tuple(id(st) for st in stats)
+    def _buffer(self, kind: str, stats: Sequence[LayerStats], make):
+        """The buffer of this kind for stats, made by make() on first use."""
+        key = (kind,) + tuple(id(st) for st in stats)
         buffer = self.buffers.get(key)
         if buffer is None:
-            buffer = self.buffers[key] = StatsBuffer(stats, self.buffer_bytes)
-        return buffer
-
-    def _map_buffer(self, stats: Sequence[LayerStats], spec: CaptureSpec, in_hw) -> MapBuffer:
-        key = ("maps",) + tuple(id(st) for st in stats)
-        buffer = self.buffers.get(key)
-        if buffer is None:
-            buffer = self.buffers[key] = MapBuffer(stats, spec.kernel, spec.explicit_pads(in_hw), self.buffer_bytes)
+            buffer = self.buffers[key] = make()
         return buffer
 
     def sample(self, outputs: Dict[str, np.ndarray]) -> Dict[str, Sampled]:
@@ -264,10 +258,13 @@ class Capture:
             routes = [(stats, np.flatnonzero(~to_val)), (validation, np.flatnonzero(to_val))]
         for target, rows in routes:
             def add(group, patches, outputs, target=target):
-                self._buffer([target[spec.name] for spec in group]).add(patches, *outputs)
+                sums = [target[spec.name] for spec in group]
+                self._buffer("positions", sums, lambda: StatsBuffer(sums, self.buffer_bytes)).add(patches, *outputs)
 
             def add_maps(group, x, outputs, target=target):
-                self._map_buffer([target[s.name] for s in group], group[0], x.shape[2:]).add(x, *outputs)
+                sums, spec = [target[s.name] for s in group], group[0]
+                self._buffer("maps", sums, lambda: MapBuffer(sums, spec.kernel, spec.explicit_pads(x.shape[2:]),
+                                                             self.buffer_bytes)).add(x, *outputs)
             if len(rows) == batch:  # one route takes everything: no copies
                 self._accumulate(inputs, sampled, add, add_maps)
             elif len(rows):
