@@ -7,21 +7,42 @@ Each rep runs every tree's `onnx-dwd --rank 1 --no-latency` child (TOOL override
 then quantize_static (with the first tree's code), on /tmp/crops1024 (tools/make_photos.py);
 each line: wall seconds, the child's CPU seconds (its rusage), peak RSS. Then medians.
 """
-import subprocess, sys, json, statistics, os, resource
-count = int(sys.argv[1]); reps = int(sys.argv[2]); trees = sys.argv[3].split(",")
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+
+count, reps, trees = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
 tool = os.environ.get("TOOL", "onnx-dwd --rank 1 --no-latency")
 rows = {t: [] for t in trees + ["quant"]}
-for r in range(reps):
+
+
+def cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+for _ in range(reps):
     for t in trees + ["quant"]:
-        tree, _, extra = (trees[0] if t == "quant" else t).partition("|")
-        env = dict(os.environ, PYTHONPATH=tree)
-        child_tool = "ort quantize_static" if t == "quant" else (tool + " " + extra).strip()
-        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        p = subprocess.run([sys.executable, f"{tree}/benchmarks/memory_time.py", "--images", "/tmp/crops1024", "--child", child_tool, "--count", str(count)], capture_output=True, text=True, env=env)
-        if p.returncode: print(t, "FAILED", p.stderr[-500:]); continue
-        row = json.loads(p.stdout.strip().splitlines()[-1]); r1 = resource.getrusage(resource.RUSAGE_CHILDREN); row['cpu'] = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime); rows[t].append(row)
+        tree = trees[0] if t == "quant" else t
+        child_tool = "ort quantize_static" if t == "quant" else tool
+        before = cpu_seconds()
+        p = subprocess.run([sys.executable, f"{tree}/benchmarks/memory_time.py", "--images", "/tmp/crops1024",
+                            "--child", child_tool, "--count", str(count)],
+                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=tree))
+        if p.returncode:
+            print(t, "FAILED", p.stderr[-500:])
+            continue
+        row = json.loads(p.stdout.strip().splitlines()[-1])
+        row["cpu"] = cpu_seconds() - before
+        rows[t].append(row)
         print(f"{t:12s} {row['seconds']:6.2f} s cpu {row['cpu']:6.2f} {row['peak_rss_mb']:6.0f} MB", flush=True)
-q = statistics.median(r["seconds"] for r in rows["quant"])
+
+quant = statistics.median(r["seconds"] for r in rows["quant"])
 for t, rs in rows.items():
     s = [r["seconds"] for r in rs]
-    print(f"{t:12s} median {statistics.median(s):6.2f} s  min {min(s):6.2f} max {max(s):6.2f}  ratio-to-quant-median {statistics.median(s)/q:5.2f}  rss max {max(r['peak_rss_mb'] for r in rs):5.0f}  cpu median {statistics.median(r['cpu'] for r in rs):6.2f}")
+    print(f"{t:12s} median {statistics.median(s):6.2f} s  min {min(s):6.2f} max {max(s):6.2f}  "
+          f"ratio-to-quant-median {statistics.median(s) / quant:5.2f}  "
+          f"rss max {max(r['peak_rss_mb'] for r in rs):5.0f}  cpu median {statistics.median(r['cpu'] for r in rs):6.2f}")
