@@ -132,9 +132,10 @@ class Lineage:
     """
 
     def __init__(self, feeds: Feeds, workdir: Optional[Path] = None, tag: str = "lineage",
-                 what: str = "model", threads: Optional[int] = None):
+                 what: str = "model", threads: Optional[int] = None, spin: bool = True):
         self.feeds = feeds
         self.threads = threads  # onnxruntime's intra-op threads (None: its default)
+        self.spin = spin  # make_session's
         self.workdir = Path(workdir) if workdir is not None else None
         self.tag = tag
         self.what = what
@@ -184,7 +185,7 @@ class Lineage:
         session = None
         if run:
             session = make_session(segment_model(model, segment, run, self.types), threads=self.threads,
-                                   what=self.what)
+                                   what=self.what, spin=self.spin)
         types = {}
         writer = FileWriter()
         try:

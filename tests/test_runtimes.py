@@ -63,6 +63,18 @@ def test_ort_runner_runs_and_binds(rng):
         loaded.bind(feed)()
 
 
+def test_a_session_that_shares_the_cores_does_not_spin_and_computes_the_same(rng):
+    from onnx_dwd.runtimes import make_session
+    model = conv_model(rng.standard_normal((6, 4, 3, 3)), None, [1, 4, 9, 9])
+    feed = {"x": rng.standard_normal((1, 4, 9, 9)).astype(np.float32)}
+    default, quiet = make_session(model, threads=2), make_session(model, threads=2, spin=False)
+    entry = "session.intra_op.allow_spinning"
+    assert quiet.get_session_options().get_session_config_entry(entry) == "0"
+    with pytest.raises(RuntimeError):  # not set: onnxruntime's default, which spins
+        default.get_session_options().get_session_config_entry(entry)
+    assert np.array_equal(default.run(None, feed)[0], quiet.run(None, feed)[0])
+
+
 def test_unknown_runtime_and_option_errors():
     with pytest.raises(OptionError, match="--runtime 'tflite': expected one of ort, litert, ncnn, mnn, openvino "):
         base.get_runner("tflite")

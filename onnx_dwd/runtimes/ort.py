@@ -23,14 +23,18 @@ ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
 
 def make_session(model: ModelSource, *, threads: Optional[int] = None, level: str = "all",
-                 what: str = "model") -> ort.InferenceSession:
-    """A CPU session; a model onnxruntime refuses raises ModelError naming `what`."""
+                 what: str = "model", spin: bool = True) -> ort.InferenceSession:
+    """A CPU session; a model onnxruntime refuses raises ModelError naming `what`.
+    spin=False: its idle intra-op threads sleep instead of spinning, for a session that
+    shares the cores with other work of ours (onnxruntime's default spins)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = LEVELS[level]
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     elif not isinstance(model, bytes):
