@@ -252,7 +252,7 @@ def original_pass(model: onnx.ModelProto, specs, batches, capture: Capture, *, c
     consume(values by tensor name, sampled by spec name). The pass runs in a worker thread;
     threads: its onnxruntime threads (None: every core, when this thread only writes). They do
     not spin while idle: this thread's sampling and writing need a core meanwhile (YOLOv8n,
-    256 images: 10-16% less CPU in the pass, benchmarks/RESULTS.md section 5)."""
+    256 images: 6-16% less CPU in the pass, benchmarks/RESULTS.md section 5)."""
     names = (input_names(specs) if consume is not None else []) + output_names(specs)
     values = in_background(Lineage(batches, what=what, threads=threads, spin=False).step(model, names, keep=False))
     try:
