@@ -295,7 +295,7 @@ def test_shifted_statistics_equal_im2col_ones(rng, kernel, pads):
 def test_map_buffer_sums_equal_one_add_shifted_whatever_the_batches(rng, max_bytes):
     """Maps added in uneven batches (one image, five, two) reach the sums exactly as one
     add_shifted over all of them: with a buffer of one image (1 byte), of three images
-    (a batch of five passed on whole, in calls of three and two), and of the default size."""
+    (blocks filled across the batches), and of the default size."""
     from onnx_dwd.fit.stats import MapBuffer, add_shifted
     kernel, pads = (3, 3), (1, 0, 1, 1)
     x = rng.standard_normal((8, 4, 6, 7))
