@@ -15,13 +15,13 @@ from .calib import IMAGE_SUFFIXES, Calibration, DiskCache, array_calibration, fe
     random_feeds, resolve_input_specs
 from .config import DATA_FREE_METHODS, OptimizeConfig
 from .cost import count_params
-from .decompose import Progress, decompose_model, no_progress  # decompose_model: re-exported for API users
+from .decompose import Progress, decompose_model, no_progress, uses_inter_layer  # decompose_model: re-exported
 from .errors import OptionError
 from .modelio import check_writable, default_opset, load_model, refuse_to_overwrite, staged_model, write_text_atomic
 from .report import render_markdown, to_json
 from .runtimes import make_session
 from .selection import Chooser, measure_latency
-from .validate import BackgroundReference, compare_models
+from .validate import BackgroundReference, RecordedReference, compare_models
 
 
 def load_calibration(config: OptimizeConfig, specs, calibration=None) -> Optional[Calibration]:
@@ -69,12 +69,16 @@ def optimize(input_path: os.PathLike, output_path: os.PathLike, config: Optional
         reference = None
         if calib is not None:  # fitting reads the data once per dependency level
             calib = dataclasses.replace(calib, fit=cache.wrap(calib.fit), holdout=cache.wrap(calib.holdout))
-            # the original on the held-out data, beside the fit; not beside the budgeted choice's
-            # whole-model timings
+            # the original's outputs on the held-out data, while the fit runs; not beside the
+            # budgeted choice's whole-model timings. A compensated fit runs the original over
+            # that data anyway (and records the outputs there), others in a thread of its own.
             if calib.holdout.count and not config.selects:
-                reference = stack.enter_context(BackgroundReference(
-                    original, calib.holdout.batches, calib.holdout.filled, output_names(original),
-                    what=str(input_path)))
+                if uses_inter_layer(config, config.resolved_method(True), calib):
+                    reference = stack.enter_context(RecordedReference(original, output_names(original)))
+                else:
+                    reference = stack.enter_context(BackgroundReference(
+                        original, calib.holdout.batches, calib.holdout.filled, output_names(original),
+                        what=str(input_path)))
         return _optimize(input_path, output_path, config, original, specs, calib, progress, started, reference)
 
 
@@ -102,7 +106,8 @@ def _optimize(input_path, output_path, config, original, specs, calib, progress,
         chooser = Chooser(original, config, calib, first, validation_feeds, what, progress)
         result, selection = chooser.choose()
     else:
-        result = decompose_model(original, config, first, calibration=calib, what=what, progress=progress)
+        result = decompose_model(original, config, first, calibration=calib, what=what, progress=progress,
+                                 validation=reference if isinstance(reference, RecordedReference) else None)
     entries = result.layers
 
     with staged_model(result.model, output_path) as staged:

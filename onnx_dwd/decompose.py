@@ -38,6 +38,7 @@ from .rewrite import replace_conv, replace_conv_with_channel
 from .segments import Lineage
 from .select import ConvLayer, classify_convs
 from .tensors import NameAllocator
+from .validate import RecordedReference
 
 _DATA_FITS = {"dwd": dwd, "dwd-comp": dwd_comp}
 
@@ -108,7 +109,7 @@ PASS_THREADS = max(1, (os.cpu_count() or 2) // 2)
 
 
 def _fit_levels(graph, original, prepared, levels, entries, plan, method, config, names, calibration, workdir,
-                inter_layer, what, progress, reference=None) -> None:
+                inter_layer, what, progress, reference=None, validation=None) -> None:
     """Capture and fit level by level. With inter_layer, each level's inputs come from the
     model whose lower levels are already replaced (a Lineage: every node run once over the
     fit data) and its outputs from one pass of the original (ReferenceOutputs: recorded
@@ -126,7 +127,7 @@ def _fit_levels(graph, original, prepared, levels, entries, plan, method, config
         raise RuntimeError("internal: the shared reference outputs do not cover these parts and layers")
     if inter_layer and not shared:
         reference = _record_reference(prepared, [l for group in levels for l in group], parts, config,
-                                      calibration.fit.count, workdir, what, progress)
+                                      calibration.fit.count, workdir, what, progress, validation)
     errors: Dict[str, ResidualSums] = {}
     held_out = None  # with inter-layer fitting, measured beside the later levels
     if "held-out" in parts and inter_layer:
@@ -230,30 +231,34 @@ def configured_capture(specs, config: OptimizeConfig, fit_images: int, seed: int
     return Capture(specs, config.positions_per_image, seed, config.position_budget, fit_images)
 
 
-def _record_reference(prepared, layers, parts, config, fit_images, workdir, what, progress
+def _record_reference(prepared, layers, parts, config, fit_images, workdir, what, progress, validation=None
                       ) -> Dict[str, ReferenceOutputs]:
     """One pass of the original over each part, its candidates' outputs kept at the positions
-    each layer's statistics will use."""
+    each layer's statistics will use; validation (a RecordedReference): the pass over the
+    held-out part also records the model's outputs there."""
     specs = [CaptureSpec.of(l) for l in layers]
     capture = configured_capture(specs, config, fit_images, config.seed)
     stores = {}
     for p, part in parts.items():
         stores[p] = ReferenceOutputs(workdir, f"reference-{p}", [s.name for s in specs])
         original_pass(prepared, specs, part.batches, capture, store=stores[p], what=what, progress=progress,
-                      label=f"original model: {p} data")
+                      label=f"original model: {p} data", outputs=validation if p == "held-out" else None)
     return stores
 
 
 def original_pass(model: onnx.ModelProto, specs, batches, capture: Capture, *, consume=None,
                   store: Optional[ReferenceOutputs] = None, threads: Optional[int] = None, what: str = "model",
-                  progress: Progress = no_progress, label: str = "original model") -> None:
+                  progress: Progress = no_progress, label: str = "original model",
+                  outputs: Optional[RecordedReference] = None) -> None:
     """One pass of model over batches (a re-iterable of feeds), sampling specs' outputs with
     capture: each batch's sampled outputs go to store, and with its inputs to
-    consume(values by tensor name, sampled by spec name). The pass runs in a worker thread;
+    consume(values by tensor name, sampled by spec name); outputs: each batch's values of
+    outputs.names (the graph's outputs) go to outputs.record. The pass runs in a worker thread;
     threads: its onnxruntime threads (None: every core, when this thread only writes). They do
     not spin while idle: this thread's sampling and writing need a core meanwhile (YOLOv8n,
     256 images: 6-16% less CPU in the pass, benchmarks/RESULTS.md section 5)."""
     names = (input_names(specs) if consume is not None else []) + output_names(specs)
+    names += [n for n in (outputs.names if outputs is not None else []) if n not in names]
     values = in_background(Lineage(batches, what=what, threads=threads, spin=False).step(model, names, keep=False))
     try:
         with contextlib.ExitStack() as stack:
@@ -262,6 +267,8 @@ def original_pass(model: onnx.ModelProto, specs, batches, capture: Capture, *, c
                 sampled = capture.sample(batch)
                 if write is not None:
                     write(sampled)
+                if outputs is not None:
+                    outputs.record([batch[n] for n in outputs.names])
                 if consume is not None:
                     consume(batch, sampled)
     finally:
@@ -273,7 +280,8 @@ def decompose_model(original: onnx.ModelProto, config: OptimizeConfig,
                     calibration: Optional[Calibration] = None, what: str = "model",
                     progress: Progress = no_progress,
                     decisions: Optional[Mapping[str, Decision]] = None,
-                    reference: Optional[Mapping[str, ReferenceOutputs]] = None) -> Decomposed:
+                    reference: Optional[Mapping[str, ReferenceOutputs]] = None,
+                    validation: Optional[RecordedReference] = None) -> Decomposed:
     """Fold, classify, capture, fit and rewrite in memory; no files, no model validation.
 
     shape_feed: one input to learn conv output shapes for the MAC counts
@@ -285,13 +293,16 @@ def decompose_model(original: onnx.ModelProto, config: OptimizeConfig,
     candidate (original_pass with a store per part, as selection.py does), to
     share one pass of the original between models; without it a compensated
     fit records its own (sampled positions are drawn for the layers recorded,
-    so the two can fit on different positions).
+    so the two can fit on different positions). validation: where that own pass
+    over the held-out part records the model's outputs (see RecordedReference;
+    it stays empty if no such pass runs).
     """
     # One BLAS thread: the fits loop over small matrices, where OpenBLAS's
     # spinning worker threads cost 5-20x on a 2-core machine with anything
     # else running (onnxruntime included); measured in benchmarks/RESULTS.md.
     with threadpool_limits(limits=1, user_api="blas"):
-        return _decompose(original, config, shape_feed, calibration, what, progress, decisions, reference)
+        return _decompose(original, config, shape_feed, calibration, what, progress, decisions, reference,
+                          validation)
 
 
 @dataclasses.dataclass
@@ -319,7 +330,8 @@ def prepare(original: onnx.ModelProto, method: str, what: str) -> Prepared:
     return Prepared(graph, export_graph(graph, original), folded, layers, [l for l in layers if l.is_candidate])
 
 
-def _decompose(original, config, shape_feed, calibration, what, progress, decisions, reference) -> Decomposed:
+def _decompose(original, config, shape_feed, calibration, what, progress, decisions, reference, validation
+               ) -> Decomposed:
     method = config.resolved_method(calibration is not None)
     prep = prepare(original, method, what)
     graph, prepared, layers = prep.graph, prep.model, prep.layers
@@ -350,7 +362,8 @@ def _decompose(original, config, shape_feed, calibration, what, progress, decisi
         if levels:
             with tempfile.TemporaryDirectory(prefix="onnx-dwd-levels-") as workdir:
                 _fit_levels(graph, original, prepared, levels, entries, plan, method, config, names, calibration,
-                            Path(workdir), inter_layer, what, progress, reference if inter_layer else None)
+                            Path(workdir), inter_layer, what, progress, reference if inter_layer else None,
+                            validation)
     graph.cleanup().toposort()
     model = export_graph(graph, original)
     kept = [p for p in model.metadata_props if p.key != "onnx_dwd"]  # a model optimized before

@@ -96,12 +96,12 @@ class Comparison:
 def compare_models(reference, candidate, feeds: Iterable[Dict[str, np.ndarray]], names: Sequence[str],
                    labels: Optional[np.ndarray] = None, what: Tuple[str, str] = ("model", "model")) -> Dict:
     """Run two onnxruntime sessions on every feed and compare their outputs (Comparison.result).
-    reference: a session, or a BackgroundReference: the feeds it ran already are read back,
-    the rest run here."""
+    reference: a session, or a BackgroundReference or RecordedReference: the feeds it holds
+    are read back, the rest run here."""
     comparison = Comparison(names, labels)
     recorded: List[List[RawArray]] = []
     model = None
-    if isinstance(reference, BackgroundReference):
+    if isinstance(reference, (BackgroundReference, RecordedReference)):
         recorded, model, reference = reference.recorded(), reference.model, None
     count = 0
     for count, feed in enumerate(feeds, 1):
@@ -114,7 +114,7 @@ def compare_models(reference, candidate, feeds: Iterable[Dict[str, np.ndarray]],
         (cand,) = run_batches(candidate, [feed], names, what=what[1])
         comparison.add(ref, cand)
     if count < len(recorded):
-        raise RuntimeError(f"internal: the background reference ran {len(recorded)} feeds, validation has {count}")
+        raise RuntimeError(f"internal: the reference ran {len(recorded)} feeds, validation has {count}")
     return comparison.result()
 
 
@@ -187,6 +187,51 @@ class BackgroundReference:
         self._dir.cleanup()
 
     def __enter__(self) -> "BackgroundReference":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RecordedReference:
+    """The original model's outputs on the validation feeds, recorded by a pass that runs the
+    model over them anyway: inter-layer compensation's pass over the held-out part adds the
+    graph outputs to the layer outputs it samples and hands them to record(). A
+    BackgroundReference ran the original a second time over the same images instead (5.5
+    CPU-s of a 1024-image YOLOv8n run, benchmarks/RESULTS.md section 5). That pass runs the
+    prepared model (affine nodes folded into convs, extra outputs), which computes the same
+    function and can differ from a plain session of the original in float rounding (YOLOv8n,
+    64 images: the same output rel_error to every digit). Feeds past MAX_RECORDED_BYTES,
+    or all of them if no pass ran, are run by validation itself.
+    """
+
+    def __init__(self, model: onnx.ModelProto, names: Sequence[str]):
+        self.model = model
+        self.names = list(names)
+        self._dir = tempfile.TemporaryDirectory(prefix="onnx-dwd-validation-")
+        self._saved: List[List[RawArray]] = []
+        self._bytes = 0
+        self._full = False
+
+    def record(self, outputs: Sequence[np.ndarray]) -> None:
+        """Keep the next feed's outputs (in the order of names), while under MAX_RECORDED_BYTES."""
+        if self._full or self._bytes >= MAX_RECORDED_BYTES:
+            self._full = True  # feeds are read back in order: none after a gap
+            return
+        index = len(self._saved)
+        files = [RawArray.of(o, Path(self._dir.name) / f"{index:07d}-{k:03d}.bin") for k, o in enumerate(outputs)]
+        for f, o in zip(files, outputs):
+            f.write(o)
+        self._saved.append(files)
+        self._bytes += sum(o.nbytes for o in outputs)
+
+    def recorded(self) -> List[List[RawArray]]:
+        return list(self._saved)
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+    def __enter__(self) -> "RecordedReference":
         return self
 
     def __exit__(self, *exc) -> None:

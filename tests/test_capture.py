@@ -640,3 +640,34 @@ def test_refit_sweeps_reach_the_fit_and_the_report(e2e, reports):
     report = optimize(folder / "m.onnx", folder / "sweeps0.onnx", config, calibration=feeds)
     assert report["config"]["refit_sweeps"] == 0 and reports["refit"]["config"]["refit_sweeps"] == 3
     assert [l["rel_error"] for l in report["layers"]] != [l["rel_error"] for l in reports["refit"]["layers"]]
+
+
+def test_a_compensated_fit_records_the_originals_outputs_for_validation(e2e, monkeypatch):
+    """Inter-layer compensation runs the original over the held-out part anyway: that pass
+    records the graph outputs, so no background thread runs the original again, and the
+    validation is the one plain sessions of the original and the written model give."""
+    import onnx_dwd.api as api
+    from onnx_dwd.calib import feed_calibration, resolve_input_specs
+    from onnx_dwd.runtimes import make_session
+    from onnx_dwd.validate import compare_models
+    folder, feeds = e2e
+    monkeypatch.setattr(api, "BackgroundReference", None)  # calling it would fail the run
+    held = []
+    real = api.compare_models
+
+    def compare(reference, *args, **kwargs):
+        held.append(len(reference.recorded()))
+        return real(reference, *args, **kwargs)
+    monkeypatch.setattr(api, "compare_models", compare)
+    config = OptimizeConfig(method="refit", rank=1, measure_latency=False)
+    report = optimize(folder / "m.onnx", folder / "recorded.onnx", config, calibration=feeds)
+    original = onnx.load(folder / "m.onnx")
+    holdout = feed_calibration(feeds, resolve_input_specs(original, {}, "m.onnx"), config.holdout).holdout
+    batches = list(holdout.batches())
+    assert held == [len(batches)] and len(batches) == 4  # every held-out feed read back
+    want = compare_models(make_session(original), make_session(onnx.load(folder / "recorded.onnx")), batches,
+                          ["y"])
+    got = report["model"]["validation"]
+    assert got["samples"] == want["samples"] == 4
+    for key, value in want["outputs"]["y"].items():
+        assert got["outputs"]["y"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

@@ -2,6 +2,7 @@
 
 import math
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +123,28 @@ def test_a_background_reference_whose_feeds_never_got_ready_leaves_the_run_to_va
     with BackgroundReference(model, tracked, threading.Event(), ["y"]) as reference:
         got = compare_models(reference, make_session(other), feeds, ["y"])
     assert read == [] and got == compare_models(make_session(model), make_session(other), feeds, ["y"])
+
+
+def test_a_recorded_reference_serves_the_feeds_it_holds_and_validation_runs_the_rest(rng, monkeypatch):
+    """A pass that ran the original records its outputs feed by feed, up to the byte cap
+    (nothing after it: feeds are read back in order); validation reads those back and runs
+    the original on the others, with the comparison a plain session gives."""
+    import onnx_dwd.validate as validate
+    from onnx_dwd.runtimes import make_session
+    from onnx_dwd.validate import RecordedReference, compare_models
+    model, other, feeds = _models_and_feeds(rng, 5)
+    want = compare_models(make_session(model), make_session(other), feeds, ["y"])
+    session = make_session(model)
+    outputs = [session.run(["y"], f) for f in feeds]
+    monkeypatch.setattr(validate, "MAX_RECORDED_BYTES", 2 * outputs[0][0].nbytes)
+    with RecordedReference(model, ["y"]) as reference:
+        for outs in outputs[:3]:  # the third is past the cap: it and every later one are not kept
+            reference.record(outs)
+        recorded = reference.recorded()
+        assert len(recorded) == 2 and np.array_equal(recorded[1][0].load(), outputs[1][0])
+        assert compare_models(reference, make_session(other), feeds, ["y"]) == want
+        with pytest.raises(RuntimeError, match="ran 2 feeds, validation has 1"):
+            compare_models(reference, make_session(other), feeds[:1], ["y"])
+    assert not Path(reference._dir.name).exists()  # its files go with it
+    with RecordedReference(model, ["y"]) as nothing:  # no pass ran: validation runs every feed
+        assert compare_models(nothing, make_session(other), feeds, ["y"]) == want
