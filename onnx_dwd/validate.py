@@ -13,7 +13,7 @@ import onnx
 
 from .background import lowest_priority
 from .runtimes import make_session, run_batches
-from .spill import RawArray
+from .spill import FileWriter, RawArray
 
 #: Relative output error below which a full-rank decomposition counts as exact.
 EXACT_REL_ERROR = 1e-5
@@ -201,8 +201,9 @@ class RecordedReference:
     CPU-s of a 1024-image YOLOv8n run, benchmarks/RESULTS.md section 5). That pass runs the
     prepared model (affine nodes folded into convs, extra outputs), which computes the same
     function and can differ from a plain session of the original in float rounding (YOLOv8n,
-    64 images: the same output rel_error to every digit). Feeds past MAX_RECORDED_BYTES,
-    or all of them if no pass ran, are run by validation itself.
+    64 images: the same output rel_error to every digit). The files are written in a thread
+    of their own, beside the pass. Feeds past MAX_RECORDED_BYTES, or all of them if no pass
+    ran, are run by validation itself.
     """
 
     def __init__(self, model: onnx.ModelProto, names: Sequence[str]):
@@ -212,6 +213,7 @@ class RecordedReference:
         self._saved: List[List[RawArray]] = []
         self._bytes = 0
         self._full = False
+        self._writer = FileWriter()
 
     def record(self, outputs: Sequence[np.ndarray]) -> None:
         """Keep the next feed's outputs (in the order of names), while under MAX_RECORDED_BYTES."""
@@ -221,14 +223,17 @@ class RecordedReference:
         index = len(self._saved)
         files = [RawArray.of(o, Path(self._dir.name) / f"{index:07d}-{k:03d}.bin") for k, o in enumerate(outputs)]
         for f, o in zip(files, outputs):
-            f.write(o)
+            self._writer.submit(f.write, o)
         self._saved.append(files)
         self._bytes += sum(o.nbytes for o in outputs)
 
     def recorded(self) -> List[List[RawArray]]:
+        """The files of the feeds recorded, in order (once every write is done)."""
+        self._writer.wait()
         return list(self._saved)
 
     def close(self) -> None:
+        self._writer.close()
         self._dir.cleanup()
 
     def __enter__(self) -> "RecordedReference":
