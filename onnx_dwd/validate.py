@@ -118,7 +118,8 @@ def compare_models(reference, candidate, feeds: Iterable[Dict[str, np.ndarray]],
     return comparison.result()
 
 
-#: Bytes of outputs a BackgroundReference keeps on disk; validation runs the original on the rest.
+#: Bytes of outputs a BackgroundReference or RecordedReference keeps on disk; validation runs the
+#: original on the rest.
 MAX_RECORDED_BYTES = 2**30
 
 
@@ -135,7 +136,8 @@ class BackgroundReference:
     2 s of a 1024-image run). The thread stops at validation (after its
     current feed), at MAX_RECORDED_BYTES, and at any error: validation runs
     the rest itself, and meets a real error there. Not for runs that time
-    models while it may run (the budgeted choice). Its Python-level work holds
+    models while it may run (the budgeted choice), nor for a compensated fit,
+    whose own pass records the outputs (RecordedReference). Its Python-level work holds
     the GIL at nice 19, which could stall the fit briefly on a busy machine;
     measured, the run is faster (RESULTS §5, run 9). One onnxruntime thread's
     outputs can differ from a two-thread run in float rounding (YOLOv8n:
@@ -197,12 +199,13 @@ class RecordedReference:
     """The original model's outputs on the validation feeds, recorded by a pass that runs the
     model over them anyway: inter-layer compensation's pass over the held-out part adds the
     graph outputs to the layer outputs it samples and hands them to record(). A
-    BackgroundReference ran the original a second time over the same images instead (5.5
-    CPU-s of a 1024-image YOLOv8n run, benchmarks/RESULTS.md section 5). That pass runs the
-    prepared model (affine nodes folded into convs, extra outputs), which computes the same
-    function and can differ from a plain session of the original in float rounding (YOLOv8n,
-    64 images: the same output rel_error to every digit). The files are written in a thread
-    of their own, beside the pass. Feeds past MAX_RECORDED_BYTES, or all of them if no pass
+    BackgroundReference ran the original a second time over the same images instead
+    (YOLOv8n, 1024 images, side by side: CPU median 110.1 -> 101.0 s, wall 63.3 -> 60.4 s;
+    benchmarks/RESULTS.md section 5, run 18). That pass runs the prepared model (affine
+    nodes folded into convs, extra outputs), which computes the same function and can
+    differ from a plain session of the original in float rounding (YOLOv8n, 64 and 1024
+    images: the same validation to every digit). The files are written in a thread of
+    their own, beside the pass. Feeds past MAX_RECORDED_BYTES, or all of them if no pass
     ran, are run by validation itself.
     """
 
