@@ -258,7 +258,8 @@ def original_pass(model: onnx.ModelProto, specs, batches, capture: Capture, *, c
     not spin while idle: this thread's sampling and writing need a core meanwhile (YOLOv8n,
     256 images: 6-16% less CPU in the pass, benchmarks/RESULTS.md section 5)."""
     names = (input_names(specs) if consume is not None else []) + output_names(specs)
-    names += [n for n in (outputs.names if outputs is not None else []) if n not in names]
+    if outputs is not None:
+        names += [n for n in outputs.names if n not in names]
     values = in_background(Lineage(batches, what=what, threads=threads, spin=False).step(model, names, keep=False))
     try:
         with contextlib.ExitStack() as stack:

@@ -101,7 +101,7 @@ def compare_models(reference, candidate, feeds: Iterable[Dict[str, np.ndarray]],
     comparison = Comparison(names, labels)
     recorded: List[List[RawArray]] = []
     model = None
-    if isinstance(reference, (BackgroundReference, RecordedReference)):
+    if isinstance(reference, _FeedOutputs):
         recorded, model, reference = reference.recorded(), reference.model, None
     count = 0
     for count, feed in enumerate(feeds, 1):
@@ -123,7 +123,41 @@ def compare_models(reference, candidate, feeds: Iterable[Dict[str, np.ndarray]],
 MAX_RECORDED_BYTES = 2**30
 
 
-class BackgroundReference:
+class _FeedOutputs:
+    """The original's outputs per validation feed, in raw files of a folder of their own, in
+    feed order (compare_models reads them back); a context manager that deletes them."""
+
+    def __init__(self, model: onnx.ModelProto, names: Sequence[str]):
+        self.model = model
+        self.names = list(names)
+        self._dir = tempfile.TemporaryDirectory(prefix="onnx-dwd-validation-")
+        self._saved: List[List[RawArray]] = []  # a feed's files join once all are written (or queued)
+        self._bytes = 0
+
+    @property
+    def full(self) -> bool:
+        return self._bytes >= MAX_RECORDED_BYTES
+
+    def _keep(self, outputs: Sequence[np.ndarray], write: Callable[[RawArray, np.ndarray], None]) -> None:
+        """The next feed's outputs, in the order of names, each written by write(file, value)."""
+        index = len(self._saved)
+        files = [RawArray.of(o, Path(self._dir.name) / f"{index:07d}-{k:03d}.bin") for k, o in enumerate(outputs)]
+        for f, o in zip(files, outputs):
+            write(f, o)
+        self._saved.append(files)
+        self._bytes += sum(o.nbytes for o in outputs)
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class BackgroundReference(_FeedOutputs):
     """The original model's outputs on the validation feeds, computed while the optimizer works.
 
     Once the feeds are ready (`ready`: a cached part's first whole pass has
@@ -146,12 +180,8 @@ class BackgroundReference:
 
     def __init__(self, model: onnx.ModelProto, feeds: Callable[[], Iterable[Dict[str, np.ndarray]]],
                  ready: threading.Event, names: Sequence[str], what: str = "model"):
-        self.model = model
-        self.names = list(names)
+        super().__init__(model, names)
         self.what = what
-        self._dir = tempfile.TemporaryDirectory(prefix="onnx-dwd-validation-")
-        self._saved: List[List[RawArray]] = []  # a feed's files join once all are written
-        self._bytes = 0
         self._hurry = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(feeds, ready), name="onnx-dwd-reference",
                                         daemon=True)
@@ -164,16 +194,11 @@ class BackgroundReference:
         try:
             lowest_priority()  # where threads have no nice value of their own: normal priority
             session = make_session(self.model, threads=1, what=self.what)
-            root = Path(self._dir.name)
-            for index, feed in enumerate(feeds()):
-                if self._hurry.is_set() or self._bytes >= MAX_RECORDED_BYTES:
+            for feed in feeds():
+                if self._hurry.is_set() or self.full:
                     return
                 (outs,) = run_batches(session, [feed], self.names, what=self.what)
-                files = [RawArray.of(o, root / f"{index:07d}-{k:03d}.bin") for k, o in enumerate(outs)]
-                for f, o in zip(files, outs):
-                    f.write(o)
-                self._saved.append(files)
-                self._bytes += sum(o.nbytes for o in outs)
+                self._keep(outs, RawArray.write)
         except Exception:  # noqa: BLE001 - validation runs the feeds not recorded, and meets any real error
             return
 
@@ -186,16 +211,10 @@ class BackgroundReference:
     def close(self) -> None:
         self._hurry.set()
         self._thread.join()
-        self._dir.cleanup()
-
-    def __enter__(self) -> "BackgroundReference":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        super().close()
 
 
-class RecordedReference:
+class RecordedReference(_FeedOutputs):
     """The original model's outputs on the validation feeds, recorded by a pass that runs the
     model over them anyway: inter-layer compensation's pass over the held-out part adds the
     graph outputs to the layer outputs it samples and hands them to record(). A
@@ -210,25 +229,13 @@ class RecordedReference:
     """
 
     def __init__(self, model: onnx.ModelProto, names: Sequence[str]):
-        self.model = model
-        self.names = list(names)
-        self._dir = tempfile.TemporaryDirectory(prefix="onnx-dwd-validation-")
-        self._saved: List[List[RawArray]] = []
-        self._bytes = 0
-        self._full = False
+        super().__init__(model, names)
         self._writer = FileWriter(depth=1)  # each pending write holds its outputs (YOLOv8n: 5.6 MB a batch)
 
     def record(self, outputs: Sequence[np.ndarray]) -> None:
         """Keep the next feed's outputs (in the order of names), while under MAX_RECORDED_BYTES."""
-        if self._full or self._bytes >= MAX_RECORDED_BYTES:
-            self._full = True  # feeds are read back in order: none after a gap
-            return
-        index = len(self._saved)
-        files = [RawArray.of(o, Path(self._dir.name) / f"{index:07d}-{k:03d}.bin") for k, o in enumerate(outputs)]
-        for f, o in zip(files, outputs):
-            self._writer.submit(f.write, o)
-        self._saved.append(files)
-        self._bytes += sum(o.nbytes for o in outputs)
+        if not self.full:  # the count only grows: no feed is kept after one that was not
+            self._keep(outputs, lambda file, value: self._writer.submit(file.write, value))
 
     def recorded(self) -> List[List[RawArray]]:
         """The files of the feeds recorded, in order (once every write is done)."""
@@ -237,10 +244,4 @@ class RecordedReference:
 
     def close(self) -> None:
         self._writer.close()
-        self._dir.cleanup()
-
-    def __enter__(self) -> "RecordedReference":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        super().close()
